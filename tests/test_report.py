@@ -207,3 +207,40 @@ def test_html_report_renders_its_figures_in_headless_chromium(study_dir, tmp_pat
 
     assert near((0x1F, 0x77, 0xB4)) > 100
     assert near((0xD6, 0x27, 0x28)) > 100
+
+
+def test_mechanism_numbers_are_the_runs_own_probe_values(study_dir):
+    """Oracle: the table's weight-norm row is the per-layer mean of weights/norm/* read straight
+    from each run's metrics.jsonl (first and last epoch), and the markdown report carries it."""
+    import json
+    import statistics
+
+    from normlab.report.mechanisms import mechanism_rows, mechanism_table
+
+    if not PROBES:
+        pytest.skip("the weights probe is not available in this installation")
+    study = load_study(study_dir)
+    rows = {(r.arm, r.quantity.label): r for r in mechanism_rows(study)}
+    label = "weight norm ||w||, mean over conv/linear layers"
+    for variant in ("bn", "gn"):
+        expect_first, expect_final = [], []
+        for seed in (0, 1):
+            lines = (study_dir / "runs" / variant / f"seed-{seed}" / "metrics.jsonl").read_text()
+            epochs = [json.loads(line) for line in lines.splitlines() if line.strip()]
+            for row, out in ((epochs[0], expect_first), (epochs[-1], expect_final)):
+                norms = [v for k, v in row.items() if k.startswith("weights/norm/")]
+                assert norms
+                out.append(sum(norms) / len(norms))
+        got = rows[(variant, label)]
+        assert got.first == pytest.approx(expect_first)
+        assert got.final == pytest.approx(expect_final)
+    # a BN-only quantity does not appear for the GroupNorm arm
+    assert ("gn", "initial-value weight in running stats, mean over BN layers") not in rows
+    _, table = mechanism_table(study)
+    cell = next(r for r in table if r[0] == "bn" and r[1] == label)
+    final = rows[("bn", label)].final
+    mean = statistics.fmean(final)
+    assert cell[3].startswith(f"{mean:.4g}" if mean >= 1 else f"{mean:.3f}")
+    assert cell[4] == "2"
+    assert label.replace("|", "\\|") in (study_dir / "report.md").read_text()  # escaped pipes
+    assert "<h3>In numbers</h3>" in (study_dir / "report.html").read_text()

@@ -10,6 +10,7 @@ import jinja2
 from markupsafe import Markup, escape
 
 from normlab.report.document import ReportDocument
+from normlab.report.mechanisms import mechanism_table
 from normlab.report.tables import arms_table, comparisons_table, problems_table, timing_table
 from normlab.store import atomic_write_text
 
@@ -72,6 +73,8 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 {{ table(timing) }}
 
 <h2>Mechanisms</h2>
+{% if mechanisms[1] %}<h3>In numbers</h3>
+{{ table(mechanisms) }}{% endif %}
 {% for f in figures if f.section == "mechanisms" %}
 <figure><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.b64 }}"><figcaption>{{ f.title }}</figcaption></figure>
 {% else %}<p class="muted">{{ doc.mechanisms_note or "No probe figures." }}</p>{% endfor %}
@@ -147,6 +150,7 @@ def render_html(doc: ReportDocument) -> str:
         arms=arms_table(doc.analysis),
         timing=timing_table(doc.analysis),
         problems=problems_table(doc.analysis),
+        mechanisms=mechanism_table(doc.study),
         figures=figures,
         study_file=str(doc.study.out / "study.yaml"),
     )

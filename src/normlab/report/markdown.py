@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from normlab.report.document import ReportDocument
+from normlab.report.mechanisms import mechanism_table
 from normlab.report.tables import (
     Table,
     arms_table,
@@ -69,9 +70,16 @@ def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
     out += figs("seeds")
     out += ["## Learning curves", ""] + (figs("curves") or ["No epochs recorded yet.", ""])
     out += ["## Wall time and throughput", "", _md_table(timing_table(doc.analysis))]
-    out += ["## Mechanisms", ""] + (
-        figs("mechanisms") or [doc.mechanisms_note or "No probe figures.", ""]
-    )
+    out += ["## Mechanisms", ""]
+    mechanisms = mechanism_table(doc.study)
+    if mechanisms[1]:
+        out += [
+            "Probe quantities per arm, mean ± sd over the completed seeds "
+            "(definitions: `normlab.report.mechanisms`).",
+            "",
+            _md_table(mechanisms),
+        ]
+    out += figs("mechanisms") or [doc.mechanisms_note or "No probe figures.", ""]
     problems = problems_table(doc.analysis)
     if problems[1]:
         out += ["## Failed, diverged and unfinished runs", "", _md_table(problems)]
