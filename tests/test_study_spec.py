@@ -3,6 +3,8 @@ command-line overrides."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -232,3 +234,38 @@ def test_study_command_reports_a_bad_spec_in_one_line(tmp_path, capsys):
     assert path in err
     assert main(["study", "placement", "--seeds", "x", "--dry-run"]) == 2
     assert "--seeds must be a count" in capsys.readouterr().err
+
+
+FINDINGS = Path(__file__).resolve().parents[1] / "docs" / "findings"
+
+
+def test_the_findings_specs_are_valid_and_match_their_questions():
+    """docs/findings/specs/*.yaml are what docs/findings.md reports; keep them loadable and
+    keep the properties the findings rely on (issue 7's requirements)."""
+    from normlab.study.plan import plan_study
+
+    specs = {p.stem: load_spec(str(p)) for p in sorted((FINDINGS / "specs").glob("*.yaml"))}
+    assert set(specs) == {"placement", "l2", "train-mode", "batch-size"}
+    for name, spec in specs.items():
+        assert spec.name == name and spec.baseline in spec.variant_names
+        assert spec.base["data"]["name"] == "cifar10"
+        plan = plan_study(spec, Path("/nonexistent/study"))
+        assert len(plan.runs) == len(spec.seeds) * len(spec.variant_names) * max(
+            1, len(spec.groups)
+        )
+    placement = specs["placement"]
+    assert len(placement.seeds) >= 6  # the sign-flip test needs six pairs to reach p < 0.05
+    assert set(placement.group_names) == {"resnet20", "mobilenetv2", "mlp"}
+    assert "acts" in placement.base["probes"]
+    assert specs["l2"].base["probes"] == ["weights"]
+    assert set(specs["l2"].variant_names) == {"bn-only", "l2-only", "bn+l2", "neither"}
+    mode = specs["train-mode"]
+    assert {"stats-never-updated", "keras-0.99", "keras-0.999"} <= set(mode.variant_names)
+    bs = specs["batch-size"]
+    sizes = sorted(bs.arm_config(g, "bn").batch_size for g in bs.group_names)
+    assert sizes[0] == 2 and sizes[-1] == 128
+    assert set(bs.variant_names) == {"bn", "xbn", "gn"}
+    # linear learning-rate scaling: lr = 0.1 * batch_size / 128
+    for g in bs.group_names:
+        cfg = bs.arm_config(g, "gn")
+        assert cfg.optim.lr == pytest.approx(0.1 * cfg.batch_size / 128)

@@ -4,7 +4,7 @@ The mechanism figures show curves; this table gives the values a text can quote.
 quantity reduces one epoch's row of a run (``metrics.jsonl``) to a number — e.g. the mean
 over layers of ``weights/norm/<layer>`` — and the table reports, per arm, its mean and sample
 standard deviation (ddof = 1) over the arm's completed runs, at the first epoch and at the
-final one (where a quantity's change over training is the point) or at the final epoch only.
+final one.
 
 Layer order is the order of the keys in a row, which the probes write in module order (input
 to output), so "first third" / "last third" of the layers means shallow / deep.
@@ -73,18 +73,17 @@ def _over_layers(prefix: str, reduce: Callable[[Sequence[float]], float]) -> Cal
 
 @dataclass(frozen=True)
 class Quantity:
-    """One number per epoch row; ``first`` also reports it at epoch 1."""
+    """One number per epoch row, reported at epoch 1 and at the final epoch."""
 
     label: str
     value: Callable[[Row], float]
-    first: bool = False
     percent: bool = False
 
 
 QUANTITIES: tuple[Quantity, ...] = (
-    Quantity("weight norm ||w||, mean over conv/linear layers", _over_layers("weights/norm/", _mean), first=True),
-    Quantity("effective lr lr/||w||^2, median over scale-invariant layers", _over_layers("weights/eff_lr/", _median), first=True),
-    Quantity("angular update per epoch (rad), mean over layers", _over_layers("weights/angle/", _mean), first=True),
+    Quantity("weight norm ||w||, mean over conv/linear layers", _over_layers("weights/norm/", _mean)),
+    Quantity("effective lr lr/||w||^2, median over scale-invariant layers", _over_layers("weights/eff_lr/", _median)),
+    Quantity("angular update per epoch (rad), mean over layers", _over_layers("weights/angle/", _mean)),
     Quantity("initial-value weight in running stats, mean over BN layers", _over_layers("bn/init_fraction/", _mean)),
     Quantity("val acc % with running statistics", _scalar("shift/val/acc_running"), percent=True),
     Quantity("val acc % after recalibration (precise BN)", _scalar("shift/val/acc_precise"), percent=True),
@@ -134,7 +133,7 @@ class MechanismRow:
 
     arm: str
     quantity: Quantity
-    first: list[float]  # at epoch 1 (empty unless ``quantity.first``)
+    first: list[float]  # at epoch 1
     final: list[float]  # at the run's last epoch
 
 
@@ -152,7 +151,7 @@ def mechanism_rows(study: StudyData) -> list[MechanismRow]:
                 final = [v for v in final if math.isfinite(v)]
                 if not final:
                     continue
-                first = [_epoch_value(r, q, "first") for r in runs] if q.first else []
+                first = [_epoch_value(r, q, "first") for r in runs]
                 rows.append(MechanismRow(arm, q, [v for v in first if math.isfinite(v)], final))
     return rows
 
@@ -164,6 +163,6 @@ def mechanism_table(study: StudyData) -> Table:
     rows = []
     for r in mechanism_rows(study):
         pct = r.quantity.percent
-        first = _mean_sd(r.first, pct) if r.quantity.first else ""
+        first = _mean_sd(r.first, pct)
         rows.append([r.arm, r.quantity.label, first, _mean_sd(r.final, pct), str(len(r.final))])
     return headers, rows
