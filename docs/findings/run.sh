@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Reproduce docs/findings: run each study of docs/findings/specs/ (resumable: rerun after an
+# interruption) into studies/findings/<name>/, then copy its report, figures and results
+# (no checkpoints) into docs/findings/<name>/. Run from the repository root with
+# ../shared/datasets/cifar10-jpeg.tar.gz present (or edit data.path in the specs / pass
+# --data cifar10:PATH --set data.image_size=... to `normlab study`).
+#   bash docs/findings/run.sh                 # all four studies
+#   bash docs/findings/run.sh placement l2    # some of them
+set -euo pipefail
+NORMLAB=${NORMLAB:-normlab}
+studies=("$@")
+[ ${#studies[@]} -eq 0 ] && studies=(train-mode placement l2 batch-size)
+for name in "${studies[@]}"; do
+  out=studies/findings/$name
+  start=$(date +%s)
+  $NORMLAB study "docs/findings/specs/$name.yaml" --out "$out" --quiet
+  end=$(date +%s)
+  dest=docs/findings/$name
+  rm -rf "$dest" && mkdir -p "$dest"
+  cp -r "$out/report.md" "$out/results.csv" "$out/study.yaml" "$out/figures" "$dest/"
+  printf '%s\n' "study $name: $((end - start)) s wall on $(nproc) cores ($(uname -m)), this invocation" > "$dest/wall_time.txt"
+done
