@@ -183,3 +183,23 @@ def test_pure_noise_is_rarely_called_a_difference():
         v = dict(enumerate(rng.normal(0.8, 0.01, n)))
         false_alarms += compare(b, v, n_resamples=999).detected
     assert false_alarms / trials <= 0.08  # alpha = 0.05, plus sampling slack
+
+
+def test_a_consistent_gap_that_is_not_claimed_is_not_called_noise():
+    # three seeds, all 30 points apart: the t-interval excludes 0, the sign-flip test cannot
+    # reach p < 0.05; the verdict must say the gap is consistent and why it is not claimed
+    b = {0: 0.40, 1: 0.43, 2: 0.38}
+    v = {0: 0.10, 1: 0.11, 2: 0.10}
+    c = compare(b, v, names=("correct", "stale"))
+    assert not c.detected and c.t_ci[1] < 0
+    assert c.verdict.startswith("no detectable difference with 3 seeds by the study's rule")
+    assert "stale is lower by 30.0 points, 3/3 seeds agree" in c.verdict
+    assert "smallest possible p = 0.25): run at least 6 seeds" in c.verdict
+    assert "noise" not in c.verdict
+    # six seeds, five agreeing: t-interval excludes 0 but p = 4/64 -> borderline, not noise
+    b6 = {s: 0.30 for s in range(6)}
+    v6 = {s: 0.30 - d for s, d in enumerate((0.03, 0.02, 0.04, 0.025, 0.035, -0.001))}
+    c6 = compare(b6, v6)
+    hi = c6.t_ci[1]
+    assert not c6.detected and hi < 0 and c6.p_value >= 0.05
+    assert "borderline" in c6.verdict and "noise" not in c6.verdict

@@ -20,6 +20,10 @@ Conventions:
 * A difference is *detected* only when the sign-flip p-value is below ``alpha`` **and** both
   intervals exclude zero. Anything else is "no detectable difference", said together with how
   the gap compares with the seed-to-seed spread and roughly how many seeds would detect it.
+  When the paired t-interval alone excludes zero (a gap consistent in sign, e.g. on every one
+  of 3 seeds, or a borderline sign-flip p), the verdict says the gap is consistent and what
+  keeps it from being claimed (too few seeds for the sign-flip test, or its p-value), instead
+  of calling it noise.
 * Seeds needed (power analysis, normal approximation): ``n = ((z_{1-alpha/2} + z_{power}) *
   sd_diff / |diff|)^2``, rounded up, at least the smallest n whose sign-flip test can reach
   ``alpha``. Assumes the observed gap is the true one and the sd of the paired differences
@@ -360,6 +364,31 @@ def verdict(c: Comparison, power: float = POWER) -> str:
             f"({agree}/{n} seeds agree; paired {c.confidence:.0%} CI {_signed(c.t_ci[0])} to "
             f"{_signed(c.t_ci[1])} points; sign-flip p = {c.p_value:.3g})"
         )
+    lo, hi = c.t_ci
+    if math.isfinite(lo) and math.isfinite(hi) and (lo > 0 or hi < 0):
+        # Consistent in sign and size (the t-interval excludes 0), yet not claimed: say so
+        # rather than calling it noise.
+        direction = "higher" if c.diff > 0 else "lower"
+        agree = c.wins if c.diff > 0 else c.losses
+        parts = [
+            f"no detectable difference with {seeds} by the study's rule, though the gap is "
+            f"consistent: {c.variant} is {direction} by {gap}, {agree}/{n} seeds agree and the "
+            f"paired {c.confidence:.0%} t-interval, {_signed(lo)} to {_signed(hi)} points, "
+            "excludes 0"
+        ]
+        if c.p_min >= c.alpha:
+            parts.append(
+                f"; but with {seeds} the sign-flip test cannot reach p < {c.alpha:g} at all "
+                f"(smallest possible p = {c.p_min:.3g}): run at least {need_min} seeds to "
+                "settle it"
+            )
+        else:
+            more = max(c.seeds_needed or 0, 2 * n)
+            parts.append(
+                f"; but the sign-flip test gives p = {c.p_value:.2g} (needs < {c.alpha:g}), so "
+                f"it is borderline: about {more} seeds would settle it"
+            )
+        return "".join(parts)
     parts = [f"no detectable difference with {seeds}: the observed gap, {gap}"]
     if c.sd_diff > 0 and abs(c.diff) < c.sd_diff:
         parts.append(
