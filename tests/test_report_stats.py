@@ -203,3 +203,12 @@ def test_a_consistent_gap_that_is_not_claimed_is_not_called_noise():
     hi = c6.t_ci[1]
     assert not c6.detected and hi < 0 and c6.p_value >= 0.05
     assert "borderline" in c6.verdict and "noise" not in c6.verdict
+
+
+def test_a_negligible_gap_does_not_quote_a_huge_seed_count():
+    b = {s: 0.30 + 0.02 * (-1) ** s for s in range(6)}
+    v = {s: b[s] + 0.02 * (-1) ** s + 0.0001 for s in range(6)}
+    c = compare(b, v)
+    assert not c.detected and c.seeds_needed is not None and c.seeds_needed > 1000
+    assert "more than 1,000 seeds would be needed" in c.verdict
+    assert str(c.seeds_needed) not in c.verdict

@@ -322,6 +322,11 @@ def _with_verdict(c: Comparison, power: float) -> Comparison:
     return replace(c, verdict=verdict(c, power))
 
 
+MANY_SEEDS = 1000
+"""Beyond this many seeds the verdict stops quoting the power estimate (a gap that small is
+negligible next to the spread, and the estimate itself is meaningless at that scale)."""
+
+
 def verdict(c: Comparison, power: float = POWER) -> str:
     """A plain-language verdict for ``c`` (see the module docstring for the rules)."""
     n, need_min = c.n, min_seeds_for(c.alpha)
@@ -407,6 +412,11 @@ def verdict(c: Comparison, power: float = POWER) -> str:
         )
     if c.seeds_needed is None:
         parts.append("")
+    elif c.seeds_needed > MANY_SEEDS:
+        parts.append(
+            f"; more than {MANY_SEEDS:,} seeds would be needed to detect a gap this size: it "
+            "is negligible next to the seed-to-seed spread"
+        )
     elif c.seeds_needed > n:
         parts.append(
             f"; about {c.seeds_needed} seeds would be needed to detect a gap this size "
