@@ -245,7 +245,7 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     from normlab.study.plan import plan_study
 
     specs = {p.stem: load_spec(str(p)) for p in sorted((FINDINGS / "specs").glob("*.yaml"))}
-    assert set(specs) == {"placement", "l2", "train-mode", "batch-size"}
+    assert set(specs) == {"placement", "l2", "train-mode", "batch-size", "batch-size-mobilenetv2"}
     for name, spec in specs.items():
         assert spec.name == name and spec.baseline in spec.variant_names
         assert spec.base["data"]["name"] == "cifar10"
@@ -264,8 +264,11 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     bs = specs["batch-size"]
     sizes = sorted(bs.arm_config(g, "bn").batch_size for g in bs.group_names)
     assert sizes[0] == 2 and sizes[-1] == 128
-    assert set(bs.variant_names) == {"bn", "xbn", "gn"}
-    # linear learning-rate scaling: lr = 0.1 * batch_size / 128
-    for g in bs.group_names:
-        cfg = bs.arm_config(g, "gn")
-        assert cfg.optim.lr == pytest.approx(0.1 * cfg.batch_size / 128)
+    mbs = specs["batch-size-mobilenetv2"]
+    assert mbs.arm_config(mbs.group_names[0], "xbn").model.name == "mobilenetv2"
+    for spec in (bs, mbs):
+        assert set(spec.variant_names) == {"bn", "xbn", "gn"}
+        # linear learning-rate scaling: lr = 0.1 * batch_size / 128
+        for g in spec.group_names:
+            cfg = spec.arm_config(g, "gn")
+            assert cfg.optim.lr == pytest.approx(0.1 * cfg.batch_size / 128)
