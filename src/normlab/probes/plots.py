@@ -35,6 +35,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from normlab.probes.rows import key_getter, layer_values, nanmean
+
 __all__ = ["ProbeRun", "layer_order", "probe_figures"]
 
 
@@ -49,18 +51,6 @@ class ProbeRun:
 
 # --------------------------------------------------------------------------------------------
 # extraction
-
-
-def _num(value: Any) -> float:
-    """A metric value as float; None (a NaN stored as null) and non-numbers as NaN."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
-
-
-def _layers(row: dict[str, Any], prefix: str) -> dict[str, float]:
-    """``{layer: value}`` for the keys ``prefix + layer`` of ``row``, in the row's order."""
-    return {k[len(prefix) :]: _num(v) for k, v in row.items() if k.startswith(prefix)}
 
 
 def _has(runs: Sequence[ProbeRun], prefix: str) -> bool:
@@ -103,18 +93,6 @@ def _last_with(run: ProbeRun, prefix: str) -> dict[str, Any] | None:
         if any(k.startswith(prefix) for k in row):
             return row
     return None
-
-
-def _key_getter(key: str) -> Callable[[dict[str, Any]], float]:
-    def get(row: dict[str, Any]) -> float:
-        return _num(row.get(key))
-
-    return get
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    vals = [v for v in values if math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +157,7 @@ def _depth_lines(
     for r in runs:
         row = _last_with(r, lead)
         if row is not None:
-            finals.setdefault(r.variant, []).append(_layers(row, prefix))
+            finals.setdefault(r.variant, []).append(layer_values(row, prefix))
     order = layer_order(list(v) for vs in finals.values() for v in vs)
     if not order:
         return False
@@ -214,7 +192,7 @@ def _weights_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure 
     ax_norm, ax_lr, ax_angle = fig.subplots(1, 3)
 
     def total_norm(row: dict[str, Any]) -> float:
-        vals = [v for v in _layers(row, "weights/norm/").values() if math.isfinite(v)]
+        vals = [v for v in layer_values(row, "weights/norm/").values() if math.isfinite(v)]
         return math.sqrt(sum(v * v for v in vals)) if vals else math.nan
 
     _epoch_lines(ax_norm, runs, total_norm, colors=colors)
@@ -222,7 +200,10 @@ def _weights_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure 
         title="Weight norm (all conv/linear layers)", xlabel="epoch", ylabel="sqrt(sum of ||w||^2)"
     )
     if _epoch_lines(
-        ax_lr, runs, lambda row: _nanmean(_layers(row, "weights/eff_lr/").values()), colors=colors
+        ax_lr,
+        runs,
+        lambda row: nanmean(layer_values(row, "weights/eff_lr/").values()),
+        colors=colors,
     ):
         ax_lr.set_yscale("log")
     ax_lr.set(
@@ -231,7 +212,10 @@ def _weights_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure 
         ylabel="lr / ||w||^2",
     )
     _epoch_lines(
-        ax_angle, runs, lambda row: _nanmean(_layers(row, "weights/angle/").values()), colors=colors
+        ax_angle,
+        runs,
+        lambda row: nanmean(layer_values(row, "weights/angle/").values()),
+        colors=colors,
     )
     ax_angle.set(
         title="Angular update per epoch (mean over layers)", xlabel="epoch", ylabel="radians"
@@ -264,11 +248,11 @@ def _recalibration_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> F
         return None
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    _epoch_lines(ax, runs, _key_getter("shift/val/acc_precise"), colors=colors, suffix=" precise")
+    _epoch_lines(ax, runs, key_getter("shift/val/acc_precise"), colors=colors, suffix=" precise")
     _epoch_lines(
         ax,
         runs,
-        _key_getter("shift/val/acc_running"),
+        key_getter("shift/val/acc_running"),
         colors=colors,
         linestyle="--",
         suffix=" running",
@@ -312,7 +296,7 @@ def _gap_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure | No
             _epoch_lines(
                 ax,
                 runs,
-                _key_getter(f"gap/{mode}/{stat}"),
+                key_getter(f"gap/{mode}/{stat}"),
                 colors=colors,
                 linestyle=style,
                 suffix=f" {mode} mode",
@@ -329,7 +313,7 @@ def _init_fraction_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> F
     ax = fig.subplots()
 
     def worst(row: dict[str, Any]) -> float:
-        vals = [v for v in _layers(row, "bn/init_fraction/").values() if math.isfinite(v)]
+        vals = [v for v in layer_values(row, "bn/init_fraction/").values() if math.isfinite(v)]
         return max(vals) if vals else math.nan
 
     _epoch_lines(ax, runs, worst, colors=colors)

@@ -24,29 +24,16 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from normlab.probes.rows import Row, key_getter, layer_values, nanmean
 from normlab.report.data import RunRecord, StudyData
 
-Row = dict[str, Any]
 Table = tuple[list[str], list[list[str]]]
 
 
-def _number(value: Any) -> float:
-    """``value`` as a float when it is a finite number (not a bool), else NaN."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return math.nan
-
-
 def _layer_values(row: Row, prefix: str) -> list[float]:
-    """The finite numbers under ``prefix<layer>`` keys, in the row's (module) order."""
-    values = (_number(v) for k, v in row.items() if k.startswith(prefix))
-    return [v for v in values if math.isfinite(v)]
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
+    """The finite values under ``prefix<layer>`` keys, in the row's (module) order."""
+    return [v for v in layer_values(row, prefix).values() if math.isfinite(v)]
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -58,13 +45,9 @@ def _third(part: str) -> Callable[[Sequence[float]], float]:
         if len(xs) < 3:
             return math.nan
         k = len(xs) // 3
-        return _mean(xs[:k] if part == "first" else xs[-k:])
+        return nanmean(xs[:k] if part == "first" else xs[-k:])
 
     return reduce
-
-
-def _scalar(key: str) -> Callable[[Row], float]:
-    return lambda row: _number(row.get(key))
 
 
 def _over_layers(prefix: str, reduce: Callable[[Sequence[float]], float]) -> Callable[[Row], float]:
@@ -81,19 +64,19 @@ class Quantity:
 
 
 QUANTITIES: tuple[Quantity, ...] = (
-    Quantity("weight norm ||w||, mean over conv/linear layers", _over_layers("weights/norm/", _mean)),
+    Quantity("weight norm ||w||, mean over conv/linear layers", _over_layers("weights/norm/", nanmean)),
     Quantity("effective lr lr/||w||^2, median over scale-invariant layers", _over_layers("weights/eff_lr/", _median)),
-    Quantity("angular update per epoch (rad), mean over layers", _over_layers("weights/angle/", _mean)),
-    Quantity("initial-value weight in running stats, mean over BN layers", _over_layers("bn/init_fraction/", _mean)),
-    Quantity("val acc % with running statistics", _scalar("shift/val/acc_running"), percent=True),
-    Quantity("val acc % after recalibration (precise BN)", _scalar("shift/val/acc_precise"), percent=True),
-    Quantity("estimation shift of the mean, mean over BN layers", _over_layers("bn/shift/mean/", _mean)),
-    Quantity("estimation shift of the variance, mean over BN layers", _over_layers("bn/shift/var/", _mean)),
+    Quantity("angular update per epoch (rad), mean over layers", _over_layers("weights/angle/", nanmean)),
+    Quantity("initial-value weight in running stats, mean over BN layers", _over_layers("bn/init_fraction/", nanmean)),
+    Quantity("val acc % with running statistics", key_getter("shift/val/acc_running"), percent=True),
+    Quantity("val acc % after recalibration (precise BN)", key_getter("shift/val/acc_precise"), percent=True),
+    Quantity("estimation shift of the mean, mean over BN layers", _over_layers("bn/shift/mean/", nanmean)),
+    Quantity("estimation shift of the variance, mean over BN layers", _over_layers("bn/shift/var/", nanmean)),
     Quantity("estimation shift of the variance, first third of BN layers", _over_layers("bn/shift/var/", _third("first"))),
     Quantity("estimation shift of the variance, last third of BN layers", _over_layers("bn/shift/var/", _third("last"))),
-    Quantity("skewness of the norm layers' inputs, mean over layers", _over_layers("acts/skew/", _mean)),
-    Quantity("fraction of zeros in the norm layers' inputs, mean over layers", _over_layers("acts/zeros/", _mean)),
-    Quantity("train-mode minus eval-mode acc % on one training batch", lambda r: _scalar("gap/train/acc")(r) - _scalar("gap/eval/acc")(r), percent=True),
+    Quantity("skewness of the norm layers' inputs, mean over layers", _over_layers("acts/skew/", nanmean)),
+    Quantity("fraction of zeros in the norm layers' inputs, mean over layers", _over_layers("acts/zeros/", nanmean)),
+    Quantity("train-mode minus eval-mode acc % on one training batch", lambda r: key_getter("gap/train/acc")(r) - key_getter("gap/eval/acc")(r), percent=True),
 )  # fmt: skip
 
 
