@@ -28,7 +28,7 @@ import torch
 
 from normlab.data import BatchLoader
 from normlab.errors import ConfigError
-from normlab.probes.base import Option, Probe, sample_loader
+from normlab.probes.base import Option, Probe, training_batches
 from normlab.probes.stats import ChannelMoments, layer_input_moments, norm_layers
 
 if TYPE_CHECKING:
@@ -67,15 +67,7 @@ class ActsProbe(Probe):
         self._train: BatchLoader | None = None
 
     def on_fit_start(self, state: FitState) -> None:
-        bs = state.config.batch_size
-        self._train = sample_loader(
-            state,
-            split="train",
-            samples=self.options["batches"] * bs,
-            batch_size=bs,
-            salt=self.name,
-            drop_last=True,
-        )
+        self._train = training_batches(state, self.options["batches"], salt=self.name)
 
     def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
         layers = norm_layers(state.model)

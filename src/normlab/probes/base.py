@@ -186,3 +186,13 @@ def sample_loader(
         device=state.runtime.device,
         memory_format=state.runtime.torch_memory_format,
     )
+
+
+def training_batches(state: FitState, batches: int, *, salt: str) -> BatchLoader | None:
+    """``batches`` whole batches of the training batch size from a fixed sample of the training
+    split (:func:`sample_loader` with ``drop_last``): what a probe forwards in training mode to
+    see the statistics training sees, without augmentation."""
+    bs = state.config.batch_size
+    return sample_loader(
+        state, split="train", samples=batches * bs, batch_size=bs, salt=salt, drop_last=True
+    )

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from normlab.data import BatchLoader
-from normlab.probes.base import Option, Probe, sample_loader
+from normlab.probes.base import Option, Probe, sample_loader, training_batches
 from normlab.probes.stats import (
     PopulationStatistics,
     batchnorm_layers,
@@ -95,14 +95,7 @@ class ShiftProbe(Probe):
 
     def on_fit_start(self, state: FitState) -> None:
         bs = state.config.batch_size
-        self._train = sample_loader(
-            state,
-            split="train",
-            samples=self.options["batches"] * bs,
-            batch_size=bs,
-            salt=self.name,
-            drop_last=True,
-        )
+        self._train = training_batches(state, self.options["batches"], salt=self.name)
         n_val = int(state.data.val_labels.numel())
         wanted = self.options["val_samples"] or None
         self._val_is_all = wanted is None or wanted >= n_val
