@@ -322,6 +322,11 @@ def _with_verdict(c: Comparison, power: float) -> Comparison:
     return replace(c, verdict=verdict(c, power))
 
 
+def _direction(c: Comparison) -> tuple[str, int]:
+    """("higher" | "lower", how many seeds agree with that direction) for the mean gap."""
+    return ("higher", c.wins) if c.diff > 0 else ("lower", c.losses)
+
+
 MANY_SEEDS = 1000
 """Beyond this many seeds the verdict stops quoting the power estimate (a gap that small is
 negligible next to the spread, and the estimate itself is meaningless at that scale)."""
@@ -362,8 +367,7 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     if c.sd_diff == 0 and c.diff == 0:
         return f"no difference: identical {c.metric} on all {seeds}"
     if c.detected:
-        direction = "higher" if c.diff > 0 else "lower"
-        agree = c.wins if c.diff > 0 else c.losses
+        direction, agree = _direction(c)
         return (
             f"{c.variant} is {direction} than {c.baseline} by {gap} "
             f"({agree}/{n} seeds agree; paired {c.confidence:.0%} CI {_signed(c.t_ci[0])} to "
@@ -373,8 +377,7 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     if math.isfinite(lo) and math.isfinite(hi) and (lo > 0 or hi < 0):
         # Consistent in sign and size (the t-interval excludes 0), yet not claimed: say so
         # rather than calling it noise.
-        direction = "higher" if c.diff > 0 else "lower"
-        agree = c.wins if c.diff > 0 else c.losses
+        direction, agree = _direction(c)
         parts = [
             f"no detectable difference with {seeds} by the study's rule, though the gap is "
             f"consistent: {c.variant} is {direction} by {gap}, {agree}/{n} seeds agree and the "
