@@ -121,6 +121,12 @@ FAST = [
 ]  # fmt: skip
 
 
+def _why(proc: subprocess.CompletedProcess) -> str:
+    """A failed job's stderr: a rank's own error comes first, torchrun's summary last."""
+    err = proc.stderr
+    return err if len(err) <= 6000 else f"{err[:4000]}\n[...]\n{err[-2000:]}"
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -140,7 +146,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, norm):
         text=True,
         timeout=300,
     )
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _why(two)
     single = [a for a in extra if a != "sync_bn=true"]
     single = single[:-1] if single and single[-1] == "--set" else single
     one = subprocess.run(
@@ -161,7 +167,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, norm):
         text=True,
         timeout=300,
     )
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.returncode == 0, _why(one)
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert [r["epoch"] for r in b] == [1, 2]
     # GN: no cross-sample coupling, the only difference is summation order -> tight, every
@@ -269,7 +275,7 @@ def test_dist_bn_none_keeps_every_ranks_statistics(tmp_path):
          "--set", "dist_bn=none", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, _why(proc)
     r0, r1 = (torch.load(out / f"bn_buffers.rank{r}.pt", weights_only=True) for r in range(2))
     assert r0.keys() == r1.keys() and "bn1.running_mean" in r0
     # each rank normalised a different half of every batch: its statistics differ

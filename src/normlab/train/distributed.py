@@ -75,9 +75,24 @@ def init_distributed(ctx: DistContext, device: torch.device, timeout_s: float) -
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(*, orderly: bool = True) -> None:
+    """Leave the process group (a no-op when none is joined).
+
+    ``orderly`` (the success path): every rank first waits at a barrier, so no rank tears its
+    gloo/NCCL connections down while a peer is still working (rank 0 writes the last
+    checkpoint after the final collective), and objects that hold the group (the DDP
+    wrapper's reducer) are collected while the interpreter is fully alive; letting them die
+    during interpreter shutdown can abort the process (SIGABRT). On a failure path pass
+    ``orderly=False``: a barrier would wait for a rank that is gone until the timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if orderly:
+        import gc
+
+        dist.barrier()
+        gc.collect()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: Sequence[float | int], device: torch.device) -> list[float]:

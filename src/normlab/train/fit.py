@@ -500,6 +500,7 @@ def fit(
         f"device={runtime.device} precision={runtime.precision} layout={runtime.memory_format} -> {run.path}"
     )
     write_summary(STATUS_RUNNING)
+    failed = True  # until the loop ends normally: decides how the process group is left
     try:
         for cb in callbacks:
             cb.on_fit_start(state)
@@ -556,6 +557,7 @@ def fit(
         else:
             status = STATUS_COMPLETED
             write_summary(STATUS_COMPLETED)
+        failed = False
     except KeyboardInterrupt:
         write_summary(STATUS_RUNNING, interrupted=True)
         for cb in callbacks:
@@ -568,7 +570,8 @@ def fit(
         raise
     finally:
         if owns_group:
-            shutdown_distributed()
+            del train_model  # DDP holds the group: drop it before the group goes
+            shutdown_distributed(orderly=not failed)
     for cb in callbacks:
         cb.on_fit_end(state, status)
     return RunResult(run.path, status, summary, history, model, config)
