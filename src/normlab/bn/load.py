@@ -310,26 +310,7 @@ def load_target(
         ckpt = run.load_checkpoint()
         if ckpt is None:
             raise DataError(f"{path}: the run has no checkpoint.pt yet (nothing was trained)")
-        model, config, summary = _run_model(path, ckpt["model"])
-        epoch = int(ckpt.get("epoch", summary.get("epochs_completed", 0)) or 0)
-        return Target(
-            spec,
-            "run",
-            model,
-            trained=epoch > 0,
-            mode_recorded=False,
-            input_shape=(
-                int(summary["channels"]),
-                int(summary["image_size"]),
-                int(summary["image_size"]),
-            ),
-            batch_size=config.batch_size,
-            data_config=config.data,
-            seed=config.seed,
-            checkpoint=ckpt,
-            state_key="model",
-            path=run.checkpoint_path,
-        )
+        return _run_target(spec, "run", path, ckpt, run.checkpoint_path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         from normlab.bn.onnx_file import read_onnx
@@ -350,28 +331,10 @@ def load_target(
     if isinstance(obj, Mapping) and "model" in obj and _is_state_dict(obj["model"]):
         # a normlab checkpoint (or any {"model": state_dict, ...} file)
         state = obj["model"]
+        if arch is None and (path.parent / "config.yaml").is_file():
+            return _run_target(spec, "checkpoint", path.parent, dict(obj), path)
         ckpt_epoch = obj.get("epoch")
         was_trained = int(ckpt_epoch) > 0 if isinstance(ckpt_epoch, int) else None
-        beside = path.parent / "config.yaml"
-        if arch is None and beside.is_file():
-            model, config, summary = _run_model(path.parent, state)
-            return Target(
-                spec,
-                "checkpoint",
-                model,
-                trained=was_trained,
-                input_shape=(
-                    int(summary["channels"]),
-                    int(summary["image_size"]),
-                    int(summary["image_size"]),
-                ),
-                batch_size=config.batch_size,
-                data_config=config.data,
-                seed=config.seed,
-                checkpoint=dict(obj),
-                state_key="model",
-                path=path,
-            )
         return _from_state(spec, path, state, arch, num_classes, was_trained, dict(obj), "model")
     for key in ("state_dict", "model_state_dict", "model_state"):
         if isinstance(obj, Mapping) and key in obj and _is_state_dict(obj[key]):
@@ -381,6 +344,32 @@ def load_target(
     raise DataError(
         f"{path}: neither a model, a state_dict nor a checkpoint with a 'model' or 'state_dict' "
         "entry"
+    )
+
+
+def _run_target(
+    spec: str, kind: str, run_path: Path, ckpt: dict[str, Any], ckpt_path: Path
+) -> Target:
+    """A normlab run's model with its checkpoint ``ckpt`` loaded, and what the run recorded:
+    input shape, batch size, data config and seed. ``trained`` is whether the checkpoint's
+    ``epoch`` (else the summary's ``epochs_completed``) is past 0; None when neither says.
+    Train/eval flags are never recorded by a checkpoint (``mode_recorded=False``)."""
+    model, config, summary = _run_model(run_path, ckpt["model"])
+    epoch = ckpt.get("epoch", summary.get("epochs_completed"))
+    size = int(summary["image_size"])
+    return Target(
+        spec,
+        kind,
+        model,
+        trained=int(epoch) > 0 if isinstance(epoch, int) else None,
+        mode_recorded=False,
+        input_shape=(int(summary["channels"]), size, size),
+        batch_size=config.batch_size,
+        data_config=config.data,
+        seed=config.seed,
+        checkpoint=ckpt,
+        state_key="model",
+        path=ckpt_path,
     )
 
 

@@ -223,24 +223,51 @@ def _weights_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure 
     return _finish(fig, (ax_norm, ax_lr, ax_angle), "Weights")
 
 
-def _shift_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure | None:
-    if not _has(runs, "bn/shift/mean/"):
+@dataclass(frozen=True)
+class _DepthPanel:
+    """One panel of per-layer values against depth: metric keys ``prefix`` + layer name."""
+
+    prefix: str
+    title: str
+    xlabel: str
+    ylabel: str = "mean over channels"
+    zero_line: bool = False
+
+
+def _depth_figure(
+    runs: Sequence[ProbeRun],
+    colors: dict[str, str],
+    panels: Sequence[_DepthPanel],
+    group: str,
+    title: str,
+) -> Figure | None:
+    """Side-by-side depth profiles (final epoch); None when the first panel has no data.
+    ``group`` is the key prefix that layer names are read relative to (e.g. ``bn/shift/``)."""
+    if not _has(runs, panels[0].prefix):
         return None
     fig = Figure(figsize=(13, 4.5), layout="constrained")
-    ax_mean, ax_var = fig.subplots(1, 2)
-    _depth_lines(ax_mean, runs, "bn/shift/mean/", colors, "bn/shift/")
-    ax_mean.set(
-        title="Mean shift |mu_running - mu_pop| / sigma_pop",
-        xlabel="BN layer (depth)",
-        ylabel="mean over channels",
+    axes = fig.subplots(1, len(panels))
+    axes = list(axes) if len(panels) > 1 else [axes]
+    for ax, panel in zip(axes, panels, strict=True):
+        _depth_lines(ax, runs, panel.prefix, colors, group)
+        if panel.zero_line:
+            ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+    return _finish(fig, tuple(axes), title)
+
+
+def _shift_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure | None:
+    panels = (
+        _DepthPanel(
+            "bn/shift/mean/", "Mean shift |mu_running - mu_pop| / sigma_pop", "BN layer (depth)"
+        ),
+        _DepthPanel(
+            "bn/shift/var/", "Variance shift |log(var_running / var_pop)|", "BN layer (depth)"
+        ),
     )
-    _depth_lines(ax_var, runs, "bn/shift/var/", colors, "bn/shift/")
-    ax_var.set(
-        title="Variance shift |log(var_running / var_pop)|",
-        xlabel="BN layer (depth)",
-        ylabel="mean over channels",
+    return _depth_figure(
+        runs, colors, panels, "bn/shift/", "Estimation shift vs depth (final epoch)"
     )
-    return _finish(fig, (ax_mean, ax_var), "Estimation shift vs depth (final epoch)")
 
 
 def _recalibration_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure | None:
@@ -266,24 +293,18 @@ def _recalibration_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> F
 
 
 def _acts_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure | None:
-    if not _has(runs, "acts/skew/"):
-        return None
-    fig = Figure(figsize=(13, 4.5), layout="constrained")
-    ax_skew, ax_zero = fig.subplots(1, 2)
-    _depth_lines(ax_skew, runs, "acts/skew/", colors, "acts/")
-    ax_skew.axhline(0.0, color="gray", linewidth=0.8)
-    ax_skew.set(
-        title="Skewness of the norm's input",
-        xlabel="norm layer (depth)",
-        ylabel="mean over channels",
+    panels = (
+        _DepthPanel(
+            "acts/skew/", "Skewness of the norm's input", "norm layer (depth)", zero_line=True
+        ),
+        _DepthPanel(
+            "acts/zeros/",
+            "Fraction of exact zeros in the norm's input",
+            "norm layer (depth)",
+            ylabel="fraction",
+        ),
     )
-    _depth_lines(ax_zero, runs, "acts/zeros/", colors, "acts/")
-    ax_zero.set(
-        title="Fraction of exact zeros in the norm's input",
-        xlabel="norm layer (depth)",
-        ylabel="fraction",
-    )
-    return _finish(fig, (ax_skew, ax_zero), "Activations before the norm (final epoch)")
+    return _depth_figure(runs, colors, panels, "acts/", "Activations before the norm (final epoch)")
 
 
 def _gap_figure(runs: Sequence[ProbeRun], colors: dict[str, str]) -> Figure | None:
