@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import settle
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.bn import (
     diagnose,
@@ -26,19 +26,9 @@ torch.set_num_threads(1)
 X = torch.randn(6, 3, 8, 8)
 
 
-def settle(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-            if isinstance(m, nn.Conv2d) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-        model.train()
-        for _ in range(3):
-            model(X + 0.2 * torch.randn(X.shape, generator=g))
-    return model.eval()
+def _settle(model: nn.Module) -> nn.Module:
+    """Trained-looking BNs and biases, statistics from noisy copies of X; eval mode."""
+    return settle(model, X, noise=0.2, biases=True)
 
 
 def net(momentum: float = 0.1, bias: bool = False) -> nn.Sequential:
@@ -60,7 +50,7 @@ def test_momentum_value_conversions() -> None:
 
 
 def test_keras_momentum_conversion() -> None:
-    model = settle(net(momentum=0.99))
+    model = _settle(net(momentum=0.99))
     assert "bn-momentum-keras" in diagnose(model, dynamic=False).ids()
     report: list[str] = []
     keras_to_torch_conventions(model, report=report)
@@ -72,7 +62,7 @@ def test_keras_momentum_conversion() -> None:
 
 
 def test_sync_to_batchnorm_keeps_outputs() -> None:
-    model = settle(net())
+    model = _settle(net())
     with torch.no_grad():
         reference = model(X)
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -88,7 +78,7 @@ def test_sync_to_batchnorm_keeps_outputs() -> None:
 
 
 def test_to_frozen_batchnorm() -> None:
-    model = settle(net())
+    model = _settle(net())
     with torch.no_grad():
         reference = model(X)
     frozen = to_frozen_batchnorm(model)
@@ -100,9 +90,9 @@ def test_to_frozen_batchnorm() -> None:
 
 
 def test_remove_bias_before_bn_is_exact_in_eval_and_train() -> None:
-    model = settle(net(bias=True))
+    model = _settle(net(bias=True))
     assert len(diagnose(model, dynamic=False).by_id("bn-bias-before")) == 2
-    copy = settle(net(bias=True))
+    copy = _settle(net(bias=True))
     with torch.no_grad():
         eval_ref = model(X)
         model.train()
@@ -127,7 +117,7 @@ def test_onnx_export_of_folded_model_matches_onnxruntime(
     pytest.importorskip("onnxruntime")
     kwargs = {"input_size": 8, "alpha": 0.35} if name == "mobilenetv2" else {}
     torch.manual_seed(0)
-    model = settle(build_model(name, 4, placement=placement, **kwargs))
+    model = _settle(build_model(name, 4, placement=placement, **kwargs))
     out = tmp_path / "m.onnx"
     result = export_onnx(model, torch.randn(3, 3, 8, 8), out)
     assert result.fold is not None and len(result.fold.folded) >= 10

@@ -8,28 +8,14 @@ import time
 
 import pytest
 import torch
+from _helpers import settle
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.bn import diagnose, recalibrate_batchnorm
 from normlab.bn.diagnose import CHECKS, Report
 from normlab.models import build_model, list_models
 
 torch.set_num_threads(1)
-
-
-def settle(model: nn.Module, x: torch.Tensor, steps: int = 3, seed: int = 0) -> nn.Module:
-    """Trained-looking BNs: affine off its initial values, statistics from train-mode passes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-        model.train()
-        for _ in range(steps):
-            model(x + 0.1 * torch.randn(x.shape, generator=g))
-    return model.eval()
 
 
 def small_net(**bn: object) -> nn.Sequential:

@@ -4,6 +4,7 @@ torchvision and timm models."""
 
 from __future__ import annotations
 
+import _helpers
 import pytest
 import torch
 from torch import nn
@@ -16,21 +17,10 @@ from normlab.models import build_model, list_models
 torch.set_num_threads(1)
 
 
-def settle(model: nn.Module, x: torch.Tensor, steps: int = 3, seed: int = 0) -> nn.Module:
-    """Give every BN non-trivial statistics and affine (as after a few training steps), then
-    switch to eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-            elif isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-        model.train()
-        for _ in range(steps):
-            model(x + 0.5 * torch.randn(x.shape, generator=g) + 0.3)
-    return model.eval()
+def settle(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
+    """Trained-looking BNs with non-zero conv/linear biases, statistics from shifted inputs
+    (a fold must carry both the biases and a non-zero mean)."""
+    return _helpers.settle(model, x, steps=steps, noise=0.5, offset=0.3, biases=True)
 
 
 def rel_error(result) -> float:

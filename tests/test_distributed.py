@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import subprocess_env
 from torch import nn
 
 from normlab.bn.convert import sync_to_batchnorm
@@ -25,8 +26,6 @@ from normlab.models import build_model
 from normlab.norms.sync import SyncBatchNorm, convert_sync_batchnorm
 from normlab.train import fit
 from normlab.train.distributed import reconcile_batchnorm, wrap_ddp
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _free_port() -> int:
@@ -137,7 +136,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, norm):
     extra = (
         ["--norm", "gn", "--set", "norm.gn_groups=4"] if norm == "gn" else ["--set", "sync_bn=true"]
     )
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "normlab", "train", *FAST, "--epochs", "2", *extra]
     two = subprocess.run(
         [*cmd, "--devices", "2", "--out", str(tmp_path / "two")],
@@ -237,7 +236,7 @@ def _rank_of(pid: int) -> str | None:
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "normlab", "train", *FAST, "--epochs", "50", "--devices", "2",
          "--set", "runtime.dist_timeout=30", "--out", str(tmp_path / "r")],
@@ -268,7 +267,7 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_dist_bn_none_keeps_every_ranks_statistics(tmp_path):
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     out = tmp_path / "r"
     proc = subprocess.run(
         [sys.executable, "-m", "normlab", "train", *FAST, "--epochs", "1", "--devices", "2",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from _helpers import stable, tiny_config
 from torch import nn
 
-from normlab.config import config_from_dict
 from normlab.errors import ConfigError
 from normlab.models import build_model
 from normlab.probes import PROBES, ShiftProbe, build_probes
@@ -36,32 +36,7 @@ from normlab.train import Callback, fit
 torch.set_num_threads(1)
 
 ALL = ["weights", "bn", "shift", "acts", "gap"]
-VOLATILE = {"seconds", "images_per_s"}
 TRAIN_KEYS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr")
-
-
-def tiny(**overrides):
-    base = {
-        "model": {"name": "resnet20"},
-        "data": {
-            "name": "synthetic",
-            "synthetic_samples": 64,
-            "synthetic_image_size": 16,
-            "synthetic_classes": 4,
-            "val_split": 0.25,
-        },
-        "epochs": 2,
-        "batch_size": 16,
-        "optim": {"lr": 0.05},
-        "runtime": {"threads": 1, "progress": "off"},
-    }
-    for key, value in overrides.items():
-        node = base
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return config_from_dict(base)
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -429,8 +404,8 @@ def test_build_probes_parses_options_and_names_bad_input():
 def runs_with_and_without_probes(tmp_path_factory):
     root = tmp_path_factory.mktemp("probes")
     probes = ["weights:k=5", "bn", "shift:inference=true:val_samples=8", "acts", "gap"]
-    with_probes = fit(tiny(probes=probes), out=root / "with", verbose=False)
-    without = fit(tiny(), out=root / "without", verbose=False)
+    with_probes = fit(tiny_config(probes=probes), out=root / "with", verbose=False)
+    without = fit(tiny_config(), out=root / "without", verbose=False)
     return with_probes, without
 
 
@@ -502,14 +477,11 @@ class InterruptAt(Callback):
 
 
 def test_resume_with_probes_gives_the_same_probe_metrics(tmp_path):
-    cfg = tiny(probes=ALL, epochs=3)
+    cfg = tiny_config(probes=ALL, epochs=3)
     full = fit(cfg, out=tmp_path / "full", verbose=False)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, out=tmp_path / "cut", callbacks=[InterruptAt(epoch=2, step=1)], verbose=False)
     resumed = fit(None, out=tmp_path / "cut", resume=True, verbose=False)
-
-    def stable(rows):
-        return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
 
     assert stable(resumed.metrics) == stable(full.metrics)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers import TINY_DATA
 from PIL import Image
 
 from normlab.cli import main
@@ -33,13 +34,7 @@ SPEC = {
     "baseline": "bn",
     "base": {
         "model": {"name": "resnet20"},
-        "data": {
-            "name": "synthetic",
-            "synthetic_samples": 64,
-            "synthetic_image_size": 16,
-            "synthetic_classes": 4,
-            "val_split": 0.25,
-        },
+        "data": dict(TINY_DATA),
         "epochs": 2,
         "batch_size": 16,
         "optim": {"lr": 0.05},

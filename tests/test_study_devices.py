@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from _helpers import TINY_DATA
 
 from normlab.errors import ConfigError
 from normlab.store import RunDir
@@ -18,14 +19,6 @@ from normlab.study.spec import load_spec, spec_from_dict, spec_to_dict, with_ove
 
 torch.set_num_threads(1)
 
-DATA = {
-    "name": "synthetic",
-    "synthetic_samples": 64,
-    "synthetic_image_size": 16,
-    "synthetic_classes": 4,
-    "val_split": 0.25,
-}
-
 
 def spec_dict(**top) -> dict:
     return {
@@ -33,7 +26,7 @@ def spec_dict(**top) -> dict:
         "seeds": 1,
         "base": {
             "model": {"name": "mlp", "hidden": [16]},
-            "data": dict(DATA),
+            "data": dict(TINY_DATA),
             "epochs": 1,
             "batch_size": 16,
             "optim": {"lr": 0.05},

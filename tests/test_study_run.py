@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _helpers import TINY_DATA, stable, subprocess_env
 
 from normlab.cli import main
 from normlab.errors import ConfigError
@@ -25,16 +25,6 @@ from normlab.study.spec import load_spec, spec_from_dict
 
 torch.set_num_threads(1)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-VOLATILE = {"seconds", "images_per_s"}
-DATA = {
-    "name": "synthetic",
-    "synthetic_samples": 64,
-    "synthetic_image_size": 16,
-    "synthetic_classes": 4,
-    "val_split": 0.25,
-}
-
 
 def tiny_spec(**base) -> dict:
     return {
@@ -42,7 +32,7 @@ def tiny_spec(**base) -> dict:
         "seeds": 2,
         "base": {
             "model": {"name": "resnet20"},
-            "data": dict(DATA),
+            "data": dict(TINY_DATA),
             "epochs": 2,
             "batch_size": 16,
             "optim": {"lr": 0.05},
@@ -51,16 +41,6 @@ def tiny_spec(**base) -> dict:
         },
         "variants": {"bn": {"norm.name": "bn"}, "gn": {"norm.name": "gn", "norm.gn_groups": 8}},
     }
-
-
-def stable(rows):
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.mark.slow
@@ -111,7 +91,7 @@ def test_failed_and_diverged_runs_are_recorded_and_do_not_stop_the_others(tmp_pa
         "seeds": 1,
         "base": {
             "model": {"name": "mlp", "hidden": [32]},
-            "data": dict(DATA),
+            "data": dict(TINY_DATA),
             "epochs": 2,
             "batch_size": 16,
             "optim": {"lr": 0.05},

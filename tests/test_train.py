@@ -7,41 +7,18 @@ import json
 import pytest
 import torch
 import yaml
+from _helpers import stable, tiny_base, tiny_config
 
 from normlab.config import TrainConfig, config_from_dict
 from normlab.errors import ConfigError, TrainingError
 from normlab.train import Callback, fit
 
-VOLATILE = {"seconds", "images_per_s"}
-
 
 def tiny(**overrides) -> TrainConfig:
-    """A 2-3 second config: resnet20 on 96 synthetic 16x16 images."""
-    base = {
-        "model": {"name": "resnet20"},
-        "data": {
-            "name": "synthetic",
-            "synthetic_samples": 128,
-            "synthetic_image_size": 16,
-            "synthetic_classes": 4,
-            "val_split": 0.25,
-        },
-        "epochs": 3,
-        "batch_size": 16,
-        "optim": {"lr": 0.05, "warmup_epochs": 1},
-        "runtime": {"progress": "off", "threads": 1},
-    }
-    for key, value in overrides.items():
-        node = base
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return config_from_dict(base)
-
-
-def stable(rows):
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+    """A 2-3 second config: resnet20 on 96 synthetic 16x16 images, 3 epochs with warm-up."""
+    base = tiny_base(epochs=3, optim={"lr": 0.05, "warmup_epochs": 1})
+    base["data"]["synthetic_samples"] = 128
+    return tiny_config(base, **overrides)
 
 
 def test_run_directory_is_complete(tmp_path):
