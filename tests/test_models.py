@@ -41,16 +41,7 @@ ALL_MODELS = {
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is as fast as two, and immune to the spin-wait
-    slowdown that OpenMP threads suffer when other processes compete for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(m: nn.Module) -> int:

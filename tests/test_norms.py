@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -28,16 +26,7 @@ EPS = 1e-5
 ALL_NORMS = ("bn", "brn", "frozen_bn", "ghost_bn", "gn", "in", "ln", "none")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is as fast as two, and immune to the spin-wait
-    slowdown that OpenMP threads suffer when other processes compete for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(*shape: int, seed: int = 0, scale: float = 2.0, shift: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _helpers import TINY_DATA
+from _helpers import tiny_base
 from PIL import Image
 
 from normlab.cli import main
@@ -32,14 +32,7 @@ SPEC = {
     "description": "two normalizations on a tiny synthetic task",
     "seeds": 2,
     "baseline": "bn",
-    "base": {
-        "model": {"name": "resnet20"},
-        "data": dict(TINY_DATA),
-        "epochs": 2,
-        "batch_size": 16,
-        "optim": {"lr": 0.05},
-        "runtime": {"threads": 1},
-    },
+    "base": tiny_base(),
     "variants": {"bn": {"norm.name": "bn"}, "gn": {"norm.name": "gn", "norm.gn_groups": 8}},
     "optional_probes": ["weights"],
 }

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from _helpers import TINY_DATA
+from _helpers import tiny_base
 
 from normlab.errors import ConfigError
 from normlab.store import RunDir
@@ -24,14 +24,7 @@ def spec_dict(**top) -> dict:
     return {
         "name": "tiny-ddp",
         "seeds": 1,
-        "base": {
-            "model": {"name": "mlp", "hidden": [16]},
-            "data": dict(TINY_DATA),
-            "epochs": 1,
-            "batch_size": 16,
-            "optim": {"lr": 0.05},
-            "runtime": {"threads": 1},
-        },
+        "base": tiny_base(model={"name": "mlp", "hidden": [16]}, epochs=1),
         "variants": {"local": {"sync_bn": False}, "sync": {"sync_bn": True}},
         **top,
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _helpers import TINY_DATA, stable, subprocess_env
+from _helpers import stable, subprocess_env, tiny_base
 
 from normlab.store import RunDir
 from normlab.study.runner import read_state, run_study
@@ -29,13 +29,7 @@ pytestmark = pytest.mark.slow
 SPEC = {
     "name": "ray-tiny",
     "seeds": 2,
-    "base": {
-        "model": {"name": "mlp", "hidden": [64]},
-        "data": dict(TINY_DATA),
-        "epochs": 2,
-        "batch_size": 16,
-        "runtime": {"threads": 1},
-    },
+    "base": tiny_base(model={"name": "mlp", "hidden": [64]}),
     "variants": {"bn": {"norm.name": "bn"}, "ln": {"norm.name": "ln"}},
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _helpers import TINY_DATA, stable, subprocess_env
+from _helpers import stable, subprocess_env, tiny_base
 
 from normlab.cli import main
 from normlab.errors import ConfigError
@@ -30,15 +30,7 @@ def tiny_spec(**base) -> dict:
     return {
         "name": "tiny",
         "seeds": 2,
-        "base": {
-            "model": {"name": "resnet20"},
-            "data": dict(TINY_DATA),
-            "epochs": 2,
-            "batch_size": 16,
-            "optim": {"lr": 0.05},
-            "runtime": {"threads": 1},
-            **base,
-        },
+        "base": tiny_base(**base),
         "variants": {"bn": {"norm.name": "bn"}, "gn": {"norm.name": "gn", "norm.gn_groups": 8}},
     }
 
@@ -89,13 +81,7 @@ def test_failed_and_diverged_runs_are_recorded_and_do_not_stop_the_others(tmp_pa
     spec = {
         "name": "trouble",
         "seeds": 1,
-        "base": {
-            "model": {"name": "mlp", "hidden": [32]},
-            "data": dict(TINY_DATA),
-            "epochs": 2,
-            "batch_size": 16,
-            "optim": {"lr": 0.05},
-        },
+        "base": tiny_base(model={"name": "mlp", "hidden": [32]}),
         "variants": {
             "ok": {"norm.name": "bn"},
             # a loss that overflows: marked diverged with where it happened
