@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.config import TrainConfig, config_from_dict
+from normlab.train import Callback
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -106,3 +107,14 @@ def settle(
         for _ in range(steps):
             model(x + noise * torch.randn(x.shape, generator=g) + offset)
     return model.eval()
+
+
+class InterruptAt(Callback):
+    """Raises KeyboardInterrupt (as Ctrl-C would) at the end of step ``step`` of ``epoch``."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
+
+    def on_step_end(self, state: Any, epoch: int, step: int) -> None:
+        if (epoch, step) == (self.epoch, self.step):
+            raise KeyboardInterrupt

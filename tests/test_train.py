@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from _helpers import stable, tiny_base, tiny_config
+from _helpers import InterruptAt, stable, tiny_base, tiny_config
 
 from normlab.config import TrainConfig, config_from_dict
 from normlab.errors import ConfigError, TrainingError
@@ -58,15 +58,6 @@ def test_run_directory_is_complete(tmp_path):
     assert config_from_dict(saved) == result.config
     # and the model learns the synthetic task (4 classes: chance is 0.25)
     assert rows[-1]["train/loss"] < rows[0]["train/loss"] and rows[-1]["train/acc"] > 0.5
-
-
-class InterruptAt(Callback):
-    def __init__(self, epoch: int, step: int) -> None:
-        self.epoch, self.step = epoch, step
-
-    def on_step_end(self, state, epoch, step):
-        if (epoch, step) == (self.epoch, self.step):
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

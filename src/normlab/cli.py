@@ -24,6 +24,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "model": "model.name",
     "norm": "norm.name",
     "placement": "model.placement",
+    "init": "model.init",
     "epochs": "epochs",
     "batch_size": "batch_size",
     "lr": "optim.lr",
@@ -49,6 +50,12 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--placement", choices=["pre", "post"], help="pre: layer->norm->act; post: layer->act->norm"
+    )
+    p.add_argument(
+        "--init",
+        choices=["default", "lsuv"],
+        help="weight init: default (torchvision-style) | lsuv (data-dependent unit variance, "
+        "for --norm none)",
     )
     p.add_argument(
         "--data",

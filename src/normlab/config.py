@@ -36,6 +36,9 @@ from normlab.norms import NormSpec
 T = TypeVar("T")
 
 
+MODEL_INITS = ("default", "lsuv")
+
+
 def _check(cond: bool, key: str, expectation: str, value: object) -> None:
     if not cond:
         raise ConfigError(f"{key} must be {expectation}, got {value!r}")
@@ -50,11 +53,20 @@ class ModelConfig:
     conv_bias: str | bool = "auto"  # "auto": a bias only where no norm directly follows the layer
     small_input: bool | None = None  # None: automatic (inputs of 32x32 or less)
     options: Mapping[str, Any] = field(default_factory=dict)  # model-specific, e.g. alpha, xbn
+    # "default": the architecture's own (torchvision-style) init; "lsuv": data-dependent
+    # layer-sequential unit variance (normlab.models.lsuv) on ``init_samples`` clean training
+    # images, for networks without normalization. Applied on a fresh start, never on resume.
+    init: str = "default"
+    init_samples: int = 512
 
     def __post_init__(self) -> None:
         _check(
             self.placement in ("pre", "post"), "model.placement", "'pre' or 'post'", self.placement
         )
+        _check(
+            self.init in MODEL_INITS, "model.init", " or ".join(map(repr, MODEL_INITS)), self.init
+        )
+        _check(self.init_samples >= 2, "model.init_samples", "at least 2", self.init_samples)
         _check(
             self.conv_bias in ("auto", True, False),
             "model.conv_bias",

@@ -19,7 +19,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 import normlab
 from normlab.config import TrainConfig, config_from_dict, config_to_dict
@@ -438,6 +438,16 @@ def fit(
         doc["meta"] = {**run_meta(), "world_size": dctx.world_size}
         atomic_write_text(run.config_path, yaml.safe_dump(doc, sort_keys=False))
 
+    if ckpt is None and config.model.init == "lsuv":
+        _lsuv(
+            model,
+            config,
+            train_images,
+            train_labels,
+            common,
+            log=print if verbose and dctx.is_main else None,
+        )
+
     if config.probes:
         # Probes named in the config observe the run (normlab.probes; issue "Instruments").
         from normlab.probes import build_probes
@@ -693,6 +703,32 @@ def _build(config: TrainConfig, num_classes: int, channels: int, image_size: int
         conv_bias=config.model.conv_bias,
         **dict(config.model.options),
     )
+
+
+def _lsuv(
+    model: nn.Module,
+    config: TrainConfig,
+    images: Tensor,
+    labels: Tensor,
+    loader_kw: dict[str, Any],
+    log: Callable[[str], None] | None,
+) -> None:
+    """``model.init: lsuv`` on the first ``init_samples`` images of a seeded permutation of the
+    training split, normalised but not augmented. Every rank of a multi-process run computes the
+    same result (same images, same seed)."""
+    from normlab.models.lsuv import lsuv_init
+
+    g = torch.Generator().manual_seed(config.seed)
+    n = min(config.model.init_samples, int(labels.numel()))
+    idx = torch.randperm(int(labels.numel()), generator=g)[:n].to(images.device)
+    x, _ = next(iter(BatchLoader.evaluation(images[idx], labels[idx], n, **loader_kw)))
+    steps = lsuv_init(model, x, generator=g)
+    if log is not None:
+        slow = [s.name for s in steps if not s.converged]
+        log(
+            f"LSUV init: {len(steps)} conv/linear layers scaled to unit output variance on {n} "
+            f"training images" + (f"; not converged: {', '.join(slow)}" if slow else "")
+        )
 
 
 def _finished_result(run: RunDir, config: TrainConfig, summary: dict[str, Any]) -> RunResult:
