@@ -3,6 +3,7 @@ command-line overrides."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -245,7 +246,9 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     from normlab.study.plan import plan_study
 
     specs = {p.stem: load_spec(str(p)) for p in sorted((FINDINGS / "specs").glob("*.yaml"))}
-    assert set(specs) == {"placement", "l2", "train-mode", "batch-size", "batch-size-mobilenetv2"}
+    assert set(specs) == {
+        "placement", "l2", "l2-lsuv", "train-mode", "batch-size", "batch-size-mobilenetv2"
+    }  # fmt: skip
     for name, spec in specs.items():
         assert spec.name == name and spec.baseline in spec.variant_names
         assert spec.base["data"]["name"] == "cifar10"
@@ -259,6 +262,13 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     assert "acts" in placement.base["probes"]
     assert specs["l2"].base["probes"] == ["weights"]
     assert set(specs["l2"].variant_names) == {"bn-only", "l2-only", "bn+l2", "neither"}
+    # the no-norm arms again from LSUV, under the l2 study's protocol otherwise
+    lsuv = specs["l2-lsuv"]
+    assert lsuv.base == specs["l2"].base
+    for arm in ("l2-only", "neither"):
+        cfg, ref = lsuv.arm_config(None, f"{arm}-lsuv"), specs["l2"].arm_config(None, arm)
+        assert cfg.model.init == "lsuv" and cfg.norm.name == "none"
+        assert cfg == dataclasses.replace(ref, model=dataclasses.replace(ref.model, init="lsuv"))
     mode = specs["train-mode"]
     assert {"stats-never-updated", "keras-0.99", "keras-0.999"} <= set(mode.variant_names)
     bs = specs["batch-size"]
