@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from _helpers import stable, tiny_config
+from _helpers import InterruptAt, stable, tiny_config
 from torch import nn
 
 from normlab.errors import ConfigError
@@ -377,7 +377,7 @@ def test_batch_statistics_mode_runs_bn_in_training_mode_and_dropout_off():
 def test_build_probes_parses_options_and_names_bad_input():
     probes = build_probes(["weights", "shift:batches=8:val_samples=0:inference=true", "acts"])
     assert [p.name for p in probes] == ["weights", "shift", "acts"]
-    assert probes[1].options == {"batches": 8, "val_samples": 0, "inference": True}
+    assert probes[1].options == {"batches": 8, "images": 0, "val_samples": 0, "inference": True}
     assert isinstance(probes[1], ShiftProbe)
     assert PROBES.names() == ["acts", "bn", "gap", "shift", "weights"]
     with pytest.raises(ConfigError, match=r"unknown probe 'nope'.*acts, bn, gap, shift, weights"):
@@ -467,15 +467,6 @@ def test_probes_on_or_off_train_exactly_the_same(runs_with_and_without_probes):
     assert no_hooks(with_probes.model)
 
 
-class InterruptAt(Callback):
-    def __init__(self, epoch: int, step: int) -> None:
-        self.epoch, self.step = epoch, step
-
-    def on_step_end(self, state, epoch, step):
-        if (epoch, step) == (self.epoch, self.step):
-            raise KeyboardInterrupt
-
-
 def test_resume_with_probes_gives_the_same_probe_metrics(tmp_path):
     cfg = tiny_config(probes=ALL, epochs=3)
     full = fit(cfg, out=tmp_path / "full", verbose=False)
@@ -539,3 +530,24 @@ def test_probe_figures_draw_only_what_is_recorded_and_tolerate_nulls():
     acc_lines = {line.get_label(): list(line.get_ydata()) for line in gap.axes[0].lines}
     assert acc_lines["a train mode"] == pytest.approx([0.6, 0.7, 0.8])
     assert "a eval mode" not in acc_lines  # every value null: nothing to draw
+
+
+@pytest.mark.parametrize("batch_size, images, expected", [(16, 0, 48), (4, 0, 32), (4, 30, 28)])
+def test_shift_and_acts_sample_batches_or_a_fixed_number_of_images(
+    tmp_path, batch_size, images, expected
+):
+    """``batches`` x batch size images by default (capped by the split), or ``images`` cut to
+    whole batches; each pass covers exactly that sample, forwarded in training-size batches."""
+    seen: dict[str, list[int]] = {}
+
+    class Spy(Callback):
+        def on_fit_start(self, state) -> None:
+            for probe in state_probes:
+                seen[probe.name] = [int(x.shape[0]) for x, _ in probe._train]
+
+    state_probes = build_probes([f"shift:images={images}", f"acts:batches=8:images={images}"])
+    cfg = tiny_config(batch_size=batch_size, epochs=1)
+    fit(cfg, out=tmp_path / "r", callbacks=[*state_probes, Spy()], verbose=False)
+    for name in ("shift", "acts"):
+        assert sum(seen[name]) == expected
+        assert set(seen[name]) == {batch_size}

@@ -2,7 +2,8 @@
 
 Goodfellow et al. (Deep Learning, 8.7.1): the input of a norm placed after a ReLU is skewed and
 non-Gaussian. At the end of each epoch this probe forwards a fixed sample of ``batches`` x
-``batch_size`` training images (no augmentation), records the input of every normalization
+``batch_size`` training images (or ``images`` of them, cut to whole batches; no augmentation),
+records the input of every normalization
 layer (:func:`normlab.norms.is_norm`: BN family, GN, LN, IN, frozen BN) and writes, per layer:
 
 * ``acts/mean/<layer>``: mean over channels of the per-channel mean;
@@ -55,6 +56,12 @@ class ActsProbe(Probe):
     name = "acts"
     OPTIONS: ClassVar[dict[str, Option]] = {
         "batches": (int, 2, 1, "training batches (of the training batch size) forwarded"),
+        "images": (
+            int,
+            0,
+            0,
+            "a fixed number of training images instead (cut to whole batches; 0: use batches)",
+        ),
         "mode": (str, "train", None, "train: batch statistics as in training; eval: running"),
     }
 
@@ -67,7 +74,9 @@ class ActsProbe(Probe):
         self._train: BatchLoader | None = None
 
     def on_fit_start(self, state: FitState) -> None:
-        self._train = training_batches(state, self.options["batches"], salt=self.name)
+        self._train = training_batches(
+            state, self.options["batches"], salt=self.name, images=self.options["images"]
+        )
 
     def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
         layers = norm_layers(state.model)

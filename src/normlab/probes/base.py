@@ -188,11 +188,18 @@ def sample_loader(
     )
 
 
-def training_batches(state: FitState, batches: int, *, salt: str) -> BatchLoader | None:
-    """``batches`` whole batches of the training batch size from a fixed sample of the training
-    split (:func:`sample_loader` with ``drop_last``): what a probe forwards in training mode to
-    see the statistics training sees, without augmentation."""
+def training_batches(
+    state: FitState, batches: int, *, salt: str, images: int = 0
+) -> BatchLoader | None:
+    """Whole batches of the training batch size from a fixed sample of the training split
+    (:func:`sample_loader` with ``drop_last``): what a probe forwards in training mode to see
+    the statistics training sees, without augmentation.
+
+    The sample is ``batches`` batches, or, when ``images`` > 0, ``images`` images cut to whole
+    batches (so the sample's size does not shrink with the batch size: at batch size 2,
+    ``batches=8`` is only 16 images)."""
     bs = state.config.batch_size
+    samples = images if images > 0 else batches * bs
     return sample_loader(
-        state, split="train", samples=batches * bs, batch_size=bs, salt=salt, drop_last=True
+        state, split="train", samples=samples, batch_size=bs, salt=salt, drop_last=True
     )

@@ -6,7 +6,8 @@ they stand for. At the end of each epoch this probe
 
 1. recomputes each BN layer's population statistics with the current weights
    (:func:`normlab.probes.stats.population_statistics`, precise BN): a fixed sample of
-   ``batches`` x ``batch_size`` training images *without* augmentation, in batches of the
+   ``batches`` x ``batch_size`` training images (or ``images`` of them, cut to whole batches:
+   use it to compare batch sizes on equal samples) *without* augmentation, in batches of the
    training batch size, forwarded in batch-statistics mode (BN normalises with batch
    statistics, as in training; dropout off), per-channel mean and biased variance pooled over
    all values of the sample;
@@ -28,7 +29,7 @@ shifted statistics that the paper describes. Layers appear in execution order (d
 
 The precise definition, its noise floor and its relation to the paper: docs/estimation_shift.md.
 
-Cost per epoch: ``batches`` forward passes of a training batch (+ as many again with
+Cost per epoch: ``batches`` (or ``images / batch_size``) forward passes of a training batch (+ as many again with
 ``inference``), and ``2 * val_samples`` validation images forward (``val_samples`` when it
 covers the whole validation set).
 """
@@ -78,6 +79,12 @@ class ShiftProbe(Probe):
     name = "shift"
     OPTIONS: ClassVar[dict[str, Option]] = {
         "batches": (int, 8, 1, "training batches (of the training batch size) for the statistics"),
+        "images": (
+            int,
+            0,
+            0,
+            "a fixed number of training images instead (cut to whole batches; 0: use batches)",
+        ),
         "val_samples": (
             int,
             1000,
@@ -95,7 +102,9 @@ class ShiftProbe(Probe):
 
     def on_fit_start(self, state: FitState) -> None:
         bs = state.config.batch_size
-        self._train = training_batches(state, self.options["batches"], salt=self.name)
+        self._train = training_batches(
+            state, self.options["batches"], salt=self.name, images=self.options["images"]
+        )
         n_val = int(state.data.val_labels.numel())
         wanted = self.options["val_samples"] or None
         self._val_is_all = wanted is None or wanted >= n_val
