@@ -55,13 +55,21 @@ class _Normalise:
         return out.mul_(self.scale).add_(self.shift)
 
 
-def gather4(images, labels, batch, pad, norm, g) -> Batches:
-    n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
+def _draws(
+    n: int, pad: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch's random choices, drawn the same way by every torch method: the order, the
+    crop offsets (rows, columns) in [0, 2 * pad] and the horizontal flips."""
     perm = torch.randperm(n, generator=g)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
+    return perm, dy, dx, torch.rand(n, generator=g) < 0.5
+
+
+def gather4(images, labels, batch, pad, norm, g) -> Batches:
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    perm, dy, dx, flips = _draws(n, pad, g)
     ar_h, ar_w, ar_c = torch.arange(h), torch.arange(w), torch.arange(c).view(1, c, 1, 1)
     for i in range(0, n - batch + 1, batch):
         idx = perm[i : i + batch]
@@ -74,10 +82,7 @@ def gather4(images, labels, batch, pad, norm, g) -> Batches:
 def advindex_windows(images, labels, batch, pad, norm, g) -> Batches:
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    perm = torch.randperm(n, generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
+    perm, dy, dx, flips = _draws(n, pad, g)
     hp, wp = h + 2 * pad, w + 2 * pad
     win = padded.as_strided((n, 2 * pad + 1, 2 * pad + 1, c, h, w),
                             (c * hp * wp, wp, 1, hp * wp, wp, 1))  # fmt: skip
@@ -90,10 +95,7 @@ def advindex_windows(images, labels, batch, pad, norm, g) -> Batches:
 
 def batch_pad(images, labels, batch, pad, norm, g) -> Batches:
     n, c, h, w = images.shape
-    perm = torch.randperm(n, generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
+    perm, dy, dx, flips = _draws(n, pad, g)
     hp, wp = h + 2 * pad, w + 2 * pad
     span = (c - 1) * hp * wp + (h - 1) * wp + w
     base = torch.arange(batch) * (c * hp * wp)
@@ -125,10 +127,7 @@ def numpy_loop(images, labels, batch, pad, norm, g) -> Batches:
 def shift_loop(images, labels, batch, pad, norm, g) -> Batches:
     n, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    perm = torch.randperm(n, generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
+    perm, dy, dx, flips = _draws(n, pad, g)
     out = torch.empty_like(images)
     for sy in range(2 * pad + 1):
         for sx in range(2 * pad + 1):
