@@ -160,3 +160,17 @@ def test_config_differences_ignore_threads_and_progress():
     b = {"epochs": 2, "runtime": {"threads": 4, "progress": "auto"}, "probes": ("w",)}
     assert config_differences(a, b) == []
     assert config_differences(a, {**b, "epochs": 3}) == ["epochs: run has 2, study gives 3"]
+
+
+def test_a_setting_newer_than_the_run_counts_only_when_it_leaves_its_default():
+    """A run made before normlab had model.init resumes under a study that leaves it at its
+    default; asking for something else is a real difference."""
+    from normlab.config import TrainConfig, config_to_dict
+
+    planned = config_to_dict(TrainConfig())
+    older = {**planned, "model": {k: v for k, v in planned["model"].items() if "init" not in k}}
+    assert config_differences(older, planned) == []
+    lsuv = {**planned, "model": {**planned["model"], "init": "lsuv"}}
+    assert config_differences(older, lsuv) == ["model.init: run has None, study gives 'lsuv'"]
+    # a key the run has but the study does not is always a difference
+    assert config_differences(planned, older) != []

@@ -276,9 +276,83 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     assert sizes[0] == 2 and sizes[-1] == 128
     mbs = specs["batch-size-mobilenetv2"]
     assert mbs.arm_config(mbs.group_names[0], "xbn").model.name == "mobilenetv2"
+    # it extends the ResNet-20 study: the same protocol, two of its batch sizes
+    assert mbs.group_names == ["bs8", "bs128"] and mbs.seeds == bs.seeds
+    for key in ("data", "optim", "epochs", "probes", "norm"):
+        assert mbs.base[key] == bs.base[key], key
     for spec in (bs, mbs):
         assert set(spec.variant_names) == {"bn", "xbn", "gn"}
         # linear learning-rate scaling: lr = 0.1 * batch_size / 128
         for g in spec.group_names:
             cfg = spec.arm_config(g, "gn")
             assert cfg.optim.lr == pytest.approx(0.1 * cfg.batch_size / 128)
+
+
+# --------------------------------------------------------------------------------------------
+# extends
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_extends_merges_mappings_replaces_the_rest_and_drops_null_entries(tmp_path, monkeypatch):
+    parent = good() | {
+        "groups": {"a": {"batch_size": 8}, "b": {"batch_size": 16}},
+        "optional_probes": ["weights"],
+        "notes": "parent",
+    }
+    parent["base"]["data"]["image_size"] = 12
+    _write(tmp_path / "specs" / "parent.yaml", parent)
+    child = {
+        "name": "child",
+        "extends": "parent.yaml",  # relative to the child's folder, not the working directory
+        "base": {"epochs": 3, "data": {"image_size": None}},
+        "groups": {"b": None},
+        "variants": {"gn": None, "ln": {"norm.name": "ln"}},
+        "optional_probes": [],
+    }
+    path = _write(tmp_path / "specs" / "child.yaml", child)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(path)
+    assert spec.name == "child" and spec.notes == "parent" and len(spec.seeds) == 2
+    # base merged key by key: the child's epochs, the parent's model and data keys, and a null
+    # value set (full-size images), not dropped
+    assert spec.base["epochs"] == 3 and spec.base["model"] == {"name": "mlp"}
+    assert spec.base["data"] == {"name": "synthetic", "synthetic_samples": 64, "image_size": None}
+    assert spec.group_names == ["a"]  # null dropped group b
+    assert spec.variant_names == ["bn", "ln"]  # null dropped gn; ln added
+    assert list(spec.optional_probes) == []  # lists are replaced, not merged
+    # the saved form is self-contained: it loads without the parent
+    again = spec_from_dict(spec_to_dict(spec))
+    assert spec_to_dict(again) == spec_to_dict(spec)
+
+
+def test_extends_follows_chains_and_built_in_names(tmp_path):
+    _write(tmp_path / "a.yaml", {"name": "a", "extends": "placement", "seeds": 5})
+    _write(tmp_path / "sub" / "b.yaml", {"name": "b", "extends": "../a.yaml", "seeds": 2})
+    spec = load_spec(tmp_path / "sub" / "b.yaml")
+    placement = load_spec("placement")
+    assert spec.name == "b" and len(spec.seeds) == 2
+    assert spec.variant_names == placement.variant_names and spec.base == placement.base
+
+
+def test_extends_errors_name_the_file_and_the_problem(tmp_path):
+    _write(tmp_path / "x.yaml", {"name": "x", "extends": "y.yaml"})
+    _write(tmp_path / "y.yaml", {"name": "y", "extends": "x.yaml"})
+    with pytest.raises(
+        ConfigError, match=r"x\.yaml: extends cycle: .*x\.yaml -> .*y\.yaml -> .*x\.yaml"
+    ):
+        load_spec(tmp_path / "x.yaml")
+    _write(tmp_path / "lost.yaml", {"name": "lost", "extends": "nowhere.yaml"})
+    with pytest.raises(ConfigError, match=r"lost\.yaml: extends: no study file .*nowhere\.yaml"):
+        load_spec(tmp_path / "lost.yaml")
+    _write(tmp_path / "bad.yaml", {"name": "bad", "extends": "no-such-study"})
+    with pytest.raises(ConfigError, match=r"unknown study 'no-such-study'; built-in studies"):
+        load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    _write(tmp_path / "top.yaml", {"name": "top", "extends": "list.yaml"})
+    with pytest.raises(ConfigError, match=r"top\.yaml: extends: .*list\.yaml is not a mapping"):
+        load_spec(tmp_path / "top.yaml")

@@ -36,7 +36,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from normlab.config import config_to_dict
+from normlab.config import TrainConfig, config_to_dict
 from normlab.errors import ConfigError
 from normlab.store import RunDir, atomic_write_text
 from normlab.study.executors import (
@@ -106,18 +106,29 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _IGNORED = ("runtime.threads", "runtime.progress", "meta")
 
 
+def _same(va: Any, vb: Any) -> bool:
+    if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
+        return list(va) == list(vb)
+    return bool(va == vb)
+
+
 def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
     """``key: run has X, study gives Y`` for every setting that differs (threads and progress
-    display excepted: they do not change what is computed)."""
+    display excepted: they do not change what is computed).
+
+    A setting the run's config does not have at all, planned at its default, is no difference:
+    the run was made before normlab had that setting, and a new setting's default keeps the old
+    behaviour (so upgrading normlab does not orphan a half-finished study)."""
     a, b = _flat(saved), _flat(planned)
+    defaults = _flat(config_to_dict(TrainConfig()))
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(_IGNORED):
             continue
         va, vb = a.get(key), b.get(key)
-        if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
-            va, vb = list(va), list(vb)
-        if va != vb:
+        if key not in a and key in defaults and _same(vb, defaults[key]):
+            continue
+        if not _same(va, vb):
             diffs.append(f"{key}: run has {va!r}, study gives {vb!r}")
     return diffs
 

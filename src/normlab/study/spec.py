@@ -20,6 +20,14 @@ A study is a YAML file (``normlab studies --show placement`` prints a built-in o
     devices: 1                      # optional: processes per run (DDP via torchrun); also a
                                     #   key of base, of a group or of a variant
     notes: free text shown in the report
+    extends: other.yaml             # optional: start from another spec (see below)
+
+``extends: PATH`` (relative to this file; or a built-in study's name) starts from that study's
+document and merges this one into it: mappings merge key by key at every depth (this file's
+values win), anything else (lists, numbers, strings) is replaced. ``null`` keeps its meaning
+as a value (``data.image_size: null`` is full size), except for an entry of ``groups`` or
+``variants``, where it drops that group or variant. Chains are followed; a cycle is an error.
+A study directory's ``study.yaml`` is always the merged, self-contained result.
 
 ``devices: N`` (default 1) trains a run in N processes (``normlab train --devices N``, one
 subprocess per run); ``batch_size`` stays the *global* batch, so each process sees
@@ -302,14 +310,88 @@ def _entries(
     return out
 
 
-def spec_from_dict(data: Mapping[str, Any], *, source: str | None = None) -> StudySpec:
+EXTENDS_KEY = "extends"
+_DROPPABLE = ("groups", "variants")  # where a null entry removes the parent's entry
+
+
+def _merge(parent: Any, child: Any, path: tuple[str, ...] = ()) -> Any:
+    """``child`` merged into ``parent`` (the ``extends`` rule in the module doc)."""
+    if not (isinstance(parent, Mapping) and isinstance(child, Mapping)):
+        return child
+    out = dict(parent)
+    for key, value in child.items():
+        if value is None and len(path) == 1 and path[0] in _DROPPABLE:
+            out.pop(key, None)
+        elif key in out:
+            out[key] = _merge(out[key], value, (*path, str(key)))
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_extends(
+    data: Mapping[str, Any], *, source: str | None = None, root: Path | None = None
+) -> dict[str, Any]:
+    """``data`` with its ``extends`` chain merged in (a copy without the key).
+
+    A relative path is taken from ``root`` (the extending file's folder; default the working
+    directory); a value that names no file is looked up among the built-in studies. Raises
+    ConfigError naming ``source`` for a missing parent, a parent that is not a mapping, or a
+    cycle.
+    """
+    start = source or "<study>"
+    chain: list[str] = [str(Path(start).resolve()) if Path(start).is_file() else start]
+    doc: dict[str, Any] = dict(data)
+    layers: list[dict[str, Any]] = []
+    here = root or Path.cwd()
+    while EXTENDS_KEY in doc:
+        ref = doc.pop(EXTENDS_KEY)
+        layers.append(doc)
+        if not isinstance(ref, str) or not ref:
+            raise _fail(
+                chain[-1], f"{EXTENDS_KEY} must be a study file or built-in name, got {ref!r}"
+            )
+        candidate = Path(ref) if Path(ref).is_absolute() else here / ref
+        if candidate.is_file():
+            where = str(candidate.resolve())
+            if where in chain:
+                raise _fail(source, f"{EXTENDS_KEY} cycle: {' -> '.join([*chain, where])}")
+            try:
+                parent = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise _fail(
+                    chain[-1], f"{EXTENDS_KEY}: {candidate} is not valid YAML: {exc}"
+                ) from None
+            here = candidate.parent
+        elif "/" in ref or ref.endswith((".yaml", ".yml")):
+            raise _fail(chain[-1], f"{EXTENDS_KEY}: no study file {candidate}")
+        else:
+            where = f"built-in study '{ref}'"
+            if where in chain:
+                raise _fail(source, f"{EXTENDS_KEY} cycle: {' -> '.join([*chain, where])}")
+            parent = yaml.safe_load(builtin_text(ref))
+        if not isinstance(parent, Mapping):
+            raise _fail(chain[-1], f"{EXTENDS_KEY}: {where} is not a mapping of study keys")
+        chain.append(where)
+        doc = {k: v for k, v in parent.items() if k != "meta"}
+    for layer in reversed(layers):
+        doc = _merge(doc, layer)
+    return doc
+
+
+def spec_from_dict(
+    data: Mapping[str, Any], *, source: str | None = None, root: Path | None = None
+) -> StudySpec:
     """Build and validate a :class:`StudySpec` from a YAML-shaped mapping.
 
-    Raises :class:`ConfigError` starting with ``source`` (the file) and naming the bad key.
-    Every group x variant configuration is built once here, so a spec that loads plans.
+    An ``extends`` key is resolved first (:func:`resolve_extends`; relative paths from
+    ``root``). Raises :class:`ConfigError` starting with ``source`` (the file) and naming the
+    bad key. Every group x variant configuration is built once here, so a spec that loads plans.
     """
     if not isinstance(data, Mapping):
         raise _fail(source, f"a study must be a mapping of study keys, got {type(data).__name__}")
+    if EXTENDS_KEY in data:
+        data = resolve_extends(data, source=source, root=root)
     data = {k: v for k, v in data.items() if k != "meta"}  # provenance in a saved study.yaml
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
@@ -556,7 +638,7 @@ def load_spec_file(path: str | Path) -> StudySpec:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: expected a mapping of study keys, got {type(data).__name__}")
-    return spec_from_dict(data, source=str(p))
+    return spec_from_dict(data, source=str(p), root=p.parent)
 
 
 def load_spec(name_or_path: str | Path) -> StudySpec:
