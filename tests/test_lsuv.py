@@ -10,8 +10,8 @@ from torch import nn
 
 from normlab.data import BatchLoader
 from normlab.errors import ConfigError, TrainingError
-from normlab.models import build_model
-from normlab.models.lsuv import lsuv_init, weight_layers_in_forward_order
+from normlab.models import build_model, lsuv_init
+from normlab.models.lsuv import weight_layers_in_forward_order
 from normlab.train import Callback, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,3 +156,14 @@ def test_resume_does_not_initialise_again(tmp_path):
     assert stable(resumed.metrics) == stable(full.metrics)
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_works_on_a_third_party_model_without_normalization():
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.squeezenet1_1(num_classes=10)  # no norm layers; 26 convs, fire modules
+    x = torch.randn(8, 3, 64, 64)
+    steps = lsuv_init(model, x, generator=torch.Generator().manual_seed(0))
+    assert len(steps) == 26 and steps[-1].name == "classifier.1"
+    after = _output_variances(model, x)
+    assert all(s.converged and abs(after[s.name] - 1.0) < 0.1 for s in steps)
