@@ -247,7 +247,8 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
 
     specs = {p.stem: load_spec(str(p)) for p in sorted((FINDINGS / "specs").glob("*.yaml"))}
     assert set(specs) == {
-        "placement", "l2", "l2-lsuv", "train-mode", "batch-size", "batch-size-mobilenetv2"
+        "placement", "l2", "l2-lsuv", "train-mode", "batch-size", "batch-size-mobilenetv2",
+        "batch-size-shift",
     }  # fmt: skip
     for name, spec in specs.items():
         assert spec.name == name and spec.baseline in spec.variant_names
@@ -280,6 +281,15 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     assert mbs.group_names == ["bs8", "bs128"] and mbs.seeds == bs.seeds
     for key in ("data", "optim", "epochs", "probes", "norm"):
         assert mbs.base[key] == bs.base[key], key
+    # the shift remeasured on a fixed 2,048-image sample, training exactly as in batch-size
+    shift = specs["batch-size-shift"]
+    assert shift.base["probes"] == ["shift:images=2048:val_samples=500"]
+    assert shift.variant_names == ["bn", "xbn"] and shift.group_names == bs.group_names
+    for g in shift.group_names:
+        for v in shift.variant_names:
+            assert dataclasses.replace(shift.arm_config(g, v), probes=()) == dataclasses.replace(
+                bs.arm_config(g, v), probes=()
+            )
     for spec in (bs, mbs):
         assert set(spec.variant_names) == {"bn", "xbn", "gn"}
         # linear learning-rate scaling: lr = 0.1 * batch_size / 128
