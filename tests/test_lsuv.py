@@ -167,3 +167,12 @@ def test_works_on_a_third_party_model_without_normalization():
     assert len(steps) == 26 and steps[-1].name == "classifier.1"
     after = _output_variances(model, x)
     assert all(s.converged and abs(after[s.name] - 1.0) < 0.1 for s in steps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_model_with_a_cpu_generator():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4, norm="none", input_size=8).cuda()
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    steps = lsuv_init(model, x, generator=torch.Generator().manual_seed(0))
+    assert abs(_output_variances(model, x)[steps[-1].name] - 1.0) < 0.1

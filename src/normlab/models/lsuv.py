@@ -128,8 +128,10 @@ def lsuv_init(
         if orthogonal:
             for _, m in layers:
                 weight = _param(m, "weight")
-                # into a contiguous tensor: orthogonal_ cannot write a channels_last weight
-                fresh = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+                # drawn on the CPU (where ``generator`` lives) into a contiguous tensor:
+                # orthogonal_ cannot write a channels_last weight, nor use a CPU generator on
+                # a GPU tensor; copy_ then converts layout and device
+                fresh = torch.empty(weight.shape, dtype=torch.float32)
                 weight.copy_(nn.init.orthogonal_(fresh, generator=generator))
                 if isinstance(getattr(m, "bias", None), Tensor):
                     nn.init.zeros_(_param(m, "bias"))
