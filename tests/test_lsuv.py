@@ -3,6 +3,8 @@ untouched buffers, determinism, clear errors, and its place in fit (fresh start 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from _helpers import InterruptAt, stable, tiny_config
@@ -139,13 +141,20 @@ def _cfg(**extra):
 
 def test_fit_applies_lsuv_on_a_fresh_start(tmp_path):
     probe = _Logits()
-    fit(_cfg(epochs=1), out=tmp_path / "r", verbose=False, callbacks=[probe])
+    result = fit(_cfg(epochs=1), out=tmp_path / "r", verbose=False, callbacks=[probe])
     # the tiny split has 48 training images, fewer than init_samples: LSUV saw all of them
     assert abs(probe.variance - 1.0) < 0.1
+    record = json.loads((tmp_path / "r" / "init.json").read_text())
+    assert record["method"] == "lsuv" and record["samples"] == 512
+    layers = [n for n, m in result.model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert sorted(r["name"] for r in record["layers"]) == sorted(layers)
+    assert record["layers"][-1]["name"] == "fc"
+    assert all(abs(r["variance_after"] - 1.0) < 0.1 for r in record["layers"] if r["converged"])
     default = _Logits()
     fit(_cfg(epochs=1, **{"model.init": "default"}), out=tmp_path / "d", verbose=False,
         callbacks=[default])  # fmt: skip
     assert abs(default.variance - 1.0) > 0.5
+    assert not (tmp_path / "d" / "init.json").exists()
 
 
 def test_resume_does_not_initialise_again(tmp_path):

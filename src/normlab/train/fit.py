@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import platform
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +55,7 @@ from normlab.train.runtime import ResolvedRuntime, resolve_runtime
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_DIVERGED = "diverged"
+INIT_FILE = "init.json"  # model.init: lsuv's per-layer record, in the run directory
 STATUS_FAILED = "failed"
 
 
@@ -439,14 +441,18 @@ def fit(
         atomic_write_text(run.config_path, yaml.safe_dump(doc, sort_keys=False))
 
     if ckpt is None and config.model.init == "lsuv":
-        _lsuv(
-            model,
-            config,
-            train_images,
-            train_labels,
-            common,
-            log=print if verbose and dctx.is_main else None,
-        )
+        steps = _lsuv(model, config, train_images, train_labels, common)
+        if dctx.is_main:
+            # what LSUV did, per layer, kept beside the run (resume does not redo it)
+            doc = {"method": "lsuv", "samples": config.model.init_samples, "layers": steps}
+            atomic_write_text(run.path / INIT_FILE, json.dumps(doc, indent=1) + "\n")
+            slow = [s["name"] for s in steps if not s["converged"]]
+            if verbose:
+                print(
+                    f"LSUV init: {len(steps)} conv/linear layers scaled to unit output variance"
+                    + (f"; not converged: {', '.join(slow)}" if slow else "")
+                    + f" ({run.path / INIT_FILE})"
+                )
 
     if config.probes:
         # Probes named in the config observe the run (normlab.probes; issue "Instruments").
@@ -711,24 +717,17 @@ def _lsuv(
     images: Tensor,
     labels: Tensor,
     loader_kw: dict[str, Any],
-    log: Callable[[str], None] | None,
-) -> None:
+) -> list[dict[str, Any]]:
     """``model.init: lsuv`` on the first ``init_samples`` images of a seeded permutation of the
-    training split, normalised but not augmented. Every rank of a multi-process run computes the
-    same result (same images, same seed)."""
+    training split, normalised but not augmented; returns the per-layer record. Every rank of a
+    multi-process run computes the same result (same images, same seed)."""
     from normlab.models.lsuv import lsuv_init
 
     g = torch.Generator().manual_seed(config.seed)
     n = min(config.model.init_samples, int(labels.numel()))
     idx = torch.randperm(int(labels.numel()), generator=g)[:n].to(images.device)
     x, _ = next(iter(BatchLoader.evaluation(images[idx], labels[idx], n, **loader_kw)))
-    steps = lsuv_init(model, x, generator=g)
-    if log is not None:
-        slow = [s.name for s in steps if not s.converged]
-        log(
-            f"LSUV init: {len(steps)} conv/linear layers scaled to unit output variance on {n} "
-            f"training images" + (f"; not converged: {', '.join(slow)}" if slow else "")
-        )
+    return [dataclasses.asdict(step) for step in lsuv_init(model, x, generator=g)]
 
 
 def _finished_result(run: RunDir, config: TrainConfig, summary: dict[str, Any]) -> RunResult:
