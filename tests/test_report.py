@@ -232,3 +232,41 @@ def test_mechanism_numbers_are_the_runs_own_probe_values(study_dir):
     assert cell[4] == "2"
     assert label.replace("|", "\\|") in (study_dir / "report.md").read_text()  # escaped pipes
     assert "<h3>In numbers</h3>" in (study_dir / "report.html").read_text()
+
+
+def test_extra_comparison_pairs_are_reported_and_agree_with_the_baseline_ones(study_dir):
+    """A spec's ``comparisons: [[bn, gn]]`` is the baseline comparison turned round: the same
+    paired differences with the opposite sign, the same p-value."""
+    import dataclasses
+
+    from normlab.report.analysis import analyze
+
+    study = load_study(study_dir)
+    turned = dataclasses.replace(
+        study, spec=dataclasses.replace(study.spec, comparisons=(("bn", "gn"),))
+    )
+    comparisons = analyze(turned).comparisons
+    by_pair = {
+        (gc.comparison.baseline, gc.comparison.variant, gc.metric): gc.comparison
+        for gc in comparisons
+    }
+    for metric in ("final", "best"):
+        ours, base = by_pair["gn", "bn", metric], by_pair["bn", "gn", metric]
+        assert ours.diff == pytest.approx(-base.diff)
+        assert ours.p_value == pytest.approx(base.p_value)
+        assert ours.t_ci == pytest.approx((-base.t_ci[1], -base.t_ci[0]))
+    assert [(gc.comparison.baseline, gc.comparison.variant) for gc in comparisons] == [
+        ("bn", "gn"), ("bn", "gn"), ("gn", "bn"), ("gn", "bn")
+    ]  # fmt: skip
+
+
+def test_the_report_names_extra_pairs_in_its_heading(study_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(study_dir, copy)
+    saved = yaml.safe_load((copy / "study.yaml").read_text())
+    saved["comparisons"] = [["bn", "gn"]]
+    (copy / "study.yaml").write_text(yaml.safe_dump(saved))
+    md = write_report(copy)["markdown"].read_text()
+    assert "## Comparisons with the baseline and other pairs" in md
+    assert "| group | variant − reference |" in md
+    assert "| bn − gn | final |" in md

@@ -366,3 +366,22 @@ def test_extends_errors_name_the_file_and_the_problem(tmp_path):
     _write(tmp_path / "top.yaml", {"name": "top", "extends": "list.yaml"})
     with pytest.raises(ConfigError, match=r"top\.yaml: extends: .*list\.yaml is not a mapping"):
         load_spec(tmp_path / "top.yaml")
+
+
+def test_extra_comparisons_are_validated_and_round_trip():
+    three = good()
+    three["variants"]["ln"] = {"norm.name": "ln"}
+    spec = spec_from_dict({**three, "comparisons": [["ln", "gn"]]})
+    assert spec.comparisons == (("ln", "gn"),)
+    assert spec_from_dict(spec_to_dict(spec)) == dataclasses.replace(spec, source=None)
+    bad = {
+        "nope": ([["ln", "xx"]], r"comparisons\[0\]: unknown variant 'xx'; variants: bn, gn, ln"),
+        "self": ([["gn", "gn"]], r"comparisons\[0\] compares 'gn' with itself"),
+        "base": ([["gn", "bn"]], r"compared with the baseline 'bn' already"),
+        "twice": ([["ln", "gn"], ["ln", "gn"]], r"comparisons\[1\]: \[ln, gn\] is listed twice"),
+        "shape": ([["ln"]], r"comparisons\[0\] must be a \[variant, reference\] pair"),
+        "type": ("ln-gn", r"comparisons must be a list of \[variant, reference\] pairs"),
+    }
+    for value, message in bad.values():
+        with pytest.raises(ConfigError, match=message):
+            spec_from_dict({**three, "comparisons": value}, source="s.yaml")

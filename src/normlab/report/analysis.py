@@ -120,22 +120,23 @@ def arm_stats(study: StudyData, group: str | None, variant: str) -> ArmStats:
 
 def analyze(study: StudyData, *, seed: int = 0) -> Analysis:
     """Summaries of every arm and, within each group, every variant against the baseline on
-    each metric of :data:`METRICS`."""
+    each metric of :data:`METRICS`, then the spec's extra ``comparisons`` pairs (variant against
+    its named reference), in the spec's order."""
     spec = study.spec
     arms = [arm_stats(study, g, v) for g in spec.group_names for v in spec.variant_names]
     comparisons = []
     for group in spec.group_names:
-        base = next(a for a in arms if a.group == group and a.variant == spec.baseline)
-        for arm in arms:
-            if arm.group != group or arm.variant == spec.baseline:
-                continue
+        in_group = {a.variant: a for a in arms if a.group == group}
+        pairs = [(v, spec.baseline) for v in spec.variant_names if v != spec.baseline]
+        for variant, reference in [*pairs, *spec.comparisons]:
+            ref, arm = in_group[reference], in_group[variant]
             for metric in METRICS:
-                n_val: dict[int, int] = {**base.n_val, **arm.n_val}
+                n_val: dict[int, int] = {**ref.n_val, **arm.n_val}
                 c = compare(
-                    base.values[metric],
+                    ref.values[metric],
                     arm.values[metric],
                     metric=f"{metric} val acc",
-                    names=(spec.baseline, arm.variant),
+                    names=(reference, variant),
                     n_val=n_val or None,
                     seed=seed,
                 )

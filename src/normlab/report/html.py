@@ -55,7 +55,7 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 <figure><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.b64 }}"><figcaption>{{ f.title }}</figcaption></figure>
 {% endfor %}
 
-<h2>Comparisons with the baseline</h2>
+<h2>Comparisons with the baseline{% if spec.comparisons %} and other pairs{% endif %}</h2>
 {{ table(comparisons) }}
 
 <h2>Per arm</h2>

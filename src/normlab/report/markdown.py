@@ -64,7 +64,8 @@ def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
         out.append("No comparisons: the study has a single variant.")
     out += [""]
     out += figs("overview")
-    out += ["## Comparisons with the baseline", "", _md_table(comparisons_table(doc.analysis))]
+    title = "Comparisons with the baseline" + (" and other pairs" if spec.comparisons else "")
+    out += [f"## {title}", "", _md_table(comparisons_table(doc.analysis))]
     out += ["## Per arm", "", _md_table(arms_table(doc.analysis))]
 
     out += figs("seeds")

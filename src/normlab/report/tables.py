@@ -61,7 +61,7 @@ def arms_table(analysis: Analysis) -> Table:
 def comparisons_table(analysis: Analysis) -> Table:
     headers = [
         "group",
-        "variant − baseline",
+        "variant − reference" if analysis.study.spec.comparisons else "variant − baseline",
         "metric",
         "seeds",
         "diff (points)",

@@ -15,6 +15,9 @@ A study is a YAML file (``normlab studies --show placement`` prints a built-in o
     variants:                       # name -> overrides of the base (dotted or nested keys),
       pre: {model.placement: pre}   #   or {description: ..., set: {...overrides...}}
       post: {model.placement: post}
+    comparisons:                    # optional: more paired comparisons, within each group,
+      - [post, other]               #   [variant, reference] (every variant is compared with
+                                    #   the baseline anyway)
     optional_probes: [weights]      # probes added to every run when normlab.probes has them
     lr_reference_batch_size: 128    # optional: optim.lr *= batch_size / 128 in every run
     devices: 1                      # optional: processes per run (DDP via torchrun); also a
@@ -75,6 +78,7 @@ _TOP_KEYS = (
     "base",
     "groups",
     "variants",
+    "comparisons",
     "optional_probes",
     "lr_reference_batch_size",
     "devices",
@@ -134,6 +138,8 @@ class StudySpec:
     notes: str = ""
     source: str | None = None  # where it was loaded from (not saved)
     devices: int = 1  # processes per run unless a group or variant says otherwise
+    # extra (variant, reference) pairs the report compares, besides every variant vs baseline
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     @property
     def variant_names(self) -> list[str]:
@@ -445,6 +451,9 @@ def spec_from_dict(
             f"got {baseline!r}",
         )
     seeds = _seeds(data.get("seeds", 3), source)
+    comparisons = _comparisons(
+        data.get("comparisons"), [v.name for v in variants], str(baseline), source
+    )
     probes = data.get("optional_probes") or ()
     if not isinstance(probes, list | tuple) or not all(isinstance(p, str) for p in probes):
         raise _fail(source, f"optional_probes must be a list of probe names, got {probes!r}")
@@ -464,9 +473,49 @@ def spec_from_dict(
         notes=(data.get("notes") or "").strip(),
         source=source,
         devices=devices,
+        comparisons=comparisons,
     )
     validate(spec)
     return spec
+
+
+def _comparisons(
+    value: Any, names: list[str], baseline: str, source: str | None
+) -> tuple[tuple[str, str], ...]:
+    """The ``comparisons`` key: a list of ``[variant, reference]`` pairs of distinct variant
+    names, neither pair repeated nor already a comparison with the baseline."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise _fail(
+            source, f"comparisons must be a list of [variant, reference] pairs, got {value!r}"
+        )
+    out: list[tuple[str, str]] = []
+    for i, pair in enumerate(value):
+        where = f"comparisons[{i}]"
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not all(isinstance(x, str) for x in pair)
+        ):
+            raise _fail(source, f"{where} must be a [variant, reference] pair, got {pair!r}")
+        variant, reference = pair
+        for name in (variant, reference):
+            if name not in names:
+                raise _fail(
+                    source, f"{where}: unknown variant {name!r}; variants: {', '.join(names)}"
+                )
+        if variant == reference:
+            raise _fail(source, f"{where} compares {variant!r} with itself")
+        if reference == baseline:
+            raise _fail(
+                source,
+                f"{where}: every variant is compared with the baseline {baseline!r} already",
+            )
+        if (variant, reference) in out:
+            raise _fail(source, f"{where}: [{variant}, {reference}] is listed twice")
+        out.append((variant, reference))
+    return tuple(out)
 
 
 def validate(spec: StudySpec) -> None:
@@ -517,6 +566,8 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     if spec.groups:
         out["groups"] = {g.name: entry(g) for g in spec.groups}
     out["variants"] = {v.name: entry(v) for v in spec.variants}
+    if spec.comparisons:
+        out["comparisons"] = [list(pair) for pair in spec.comparisons]
     if spec.optional_probes:
         out["optional_probes"] = list(spec.optional_probes)
     if spec.lr_reference_batch_size:
