@@ -106,13 +106,25 @@ def test_registry_lists_every_model_with_options() -> None:
     assert set(MODELS.names()) == ALL_MODELS
     entries = {e.name: e for e in list_models()}
     assert set(entries) == ALL_MODELS
-    assert set(entries["mobilenetv2"].options) == {"alpha", "dropout", "xbn", "xbn_groups"}
-    assert set(entries["resnet50"].options) == {"zero_init_residual", "xbn", "xbn_groups"}
+    assert set(entries["mobilenetv2"].options) == {
+        "alpha",
+        "dropout",
+        "xbn",
+        "xbn_groups",
+        "skip_init",
+    }
+    assert set(entries["resnet50"].options) == {
+        "zero_init_residual",
+        "xbn",
+        "xbn_groups",
+        "skip_init",
+    }
     assert set(entries["resnet20"].options) == {
         "shortcut",
         "zero_init_residual",
         "xbn",
         "xbn_groups",
+        "skip_init",
     }
     assert set(entries["mlp"].options) == {"hidden", "dropout"}
     for e in entries.values():
@@ -629,3 +641,50 @@ def test_bn_checkpoint_loads_into_every_batch_norm_variant() -> None:
         other = build_model("resnet20", 10, norm, input_size=32)
         other.load_state_dict(state)  # strict
         torch.testing.assert_close(other.eval()(x), expected, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SkipInit (De & Smith 2020): one scalar per residual branch, every block the identity at init
+
+# residual blocks, counted from the architectures' definitions: resnet18 2+2+2+2, resnet50
+# 3+4+6+3, CIFAR ResNet-(6n+2) 3n, MobileNetV2 the blocks with stride 1 and equal widths
+# (repeats after the first of each stage: 0+1+2+3+2+2+0)
+RESIDUAL_BLOCKS = {"resnet18": 8, "resnet50": 16, "resnet20": 9, "resnet110": 54, "mobilenetv2": 10}
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL_BLOCKS))
+def test_skip_init_adds_one_scalar_per_residual_block(name: str) -> None:
+    plain = n_params(meta_model(name, norm="none"))
+    assert n_params(meta_model(name, norm="none", skip_init=True)) == plain + RESIDUAL_BLOCKS[name]
+    with_bn = n_params(meta_model(name))
+    assert n_params(meta_model(name, skip_init=True)) == with_bn + RESIDUAL_BLOCKS[name]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "mobilenetv2"])
+def test_skip_init_blocks_are_the_identity_at_init_and_learn(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 4, norm="none", input_size=32, skip_init=True)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(block: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        (x,) = inputs
+        if isinstance(block, InvertedResidual):
+            if block.use_res_connect:
+                seen.append((out, x))
+            return
+        identity = x if block.downsample is None else block.downsample(x)
+        seen.append((out, torch.relu(identity)))
+
+    blocks = [
+        m for m in model.modules() if isinstance(m, BasicBlock | Bottleneck | InvertedResidual)
+    ]
+    handles = [b.register_forward_hook(hook) for b in blocks]
+    logits = model(torch.randn(2, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    assert len(seen) == RESIDUAL_BLOCKS.get(name, 16)
+    for out, expected in seen:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    logits.sum().backward()
+    alphas = [p for n, p in model.named_parameters() if n.endswith("skip.alpha")]
+    assert len(alphas) == len(seen) and all(float(a.grad.abs()) > 0 for a in alphas)

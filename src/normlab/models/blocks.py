@@ -230,3 +230,18 @@ def zero_init_last_norms(model: nn.Module) -> int:
             weight.zero_()
             count += 1
     return count
+
+
+class SkipInit(nn.Module):
+    """A learnable scalar ``alpha``, initialised to 0, that scales a residual branch:
+    ``x + alpha * f(x)`` (De & Smith, NeurIPS 2020, "Batch Normalization Biases Residual Blocks
+    Towards the Identity Function in Deep Networks"). Every block then starts as the identity,
+    which is what lets deep residual networks train *without* normalization layers.
+    ``init_weights`` leaves it alone (it is neither a conv, a linear nor a norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.alpha

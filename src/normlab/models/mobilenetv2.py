@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from normlab.models.blocks import BuildContext, ConvNormAct, init_weights
+from normlab.models.blocks import BuildContext, ConvNormAct, SkipInit, init_weights
 from normlab.models.build import option_bool, option_float, option_int, register_model
 from normlab.norms import NormSpec
 
@@ -65,11 +65,14 @@ class InvertedResidual(nn.Module):
         stride: int,
         expand_ratio: int,
         dw_norm: NormSpec | None = None,
+        *,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.stride = stride
         hidden = round(inp * expand_ratio)
         self.use_res_connect = stride == 1 and inp == oup
+        self.skip: nn.Module | None = SkipInit() if skip_init and self.use_res_connect else None
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ctx.conv_norm_act(inp, hidden, 1, act=_relu6))
@@ -93,7 +96,10 @@ class InvertedResidual(nn.Module):
         return dw
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        if not self.use_res_connect:
+            return self.conv(x)
+        branch = self.conv(x)
+        return x + (branch if self.skip is None else self.skip(branch))
 
 
 class MobileNetV2(nn.Module):
@@ -114,6 +120,7 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.2,
         xbn: bool = False,
         xbn_groups: int = 16,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         dw_norm = ctx.group_norm_spec(xbn_groups) if xbn else None
@@ -130,7 +137,13 @@ class MobileNetV2(nn.Module):
             for i in range(n):
                 features.append(
                     InvertedResidual(
-                        ctx, input_channel, output_channel, s if i == 0 else 1, t, dw_norm
+                        ctx,
+                        input_channel,
+                        output_channel,
+                        s if i == 0 else 1,
+                        t,
+                        dw_norm,
+                        skip_init=skip_init,
                     )
                 )
                 input_channel = output_channel
@@ -155,6 +168,11 @@ class MobileNetV2(nn.Module):
         "dropout": (0.2, "dropout before the classifier"),
         "xbn": (False, "XBNBlock: GroupNorm after the depthwise conv of every block"),
         "xbn_groups": (16, "GroupNorm groups for xbn (clamped to the channel count)"),
+        "skip_init": (
+            False,
+            "SkipInit: a learnable scalar, 0 at init, scales each residual "
+            "branch (De & Smith 2020), for training without norm layers",
+        ),
     },
 )
 def mobilenetv2(
@@ -165,6 +183,7 @@ def mobilenetv2(
     dropout: object,
     xbn: object,
     xbn_groups: object,
+    skip_init: object,
 ) -> nn.Module:
     m = "mobilenetv2"
     return MobileNetV2(
@@ -174,4 +193,5 @@ def mobilenetv2(
         dropout=option_float(m, "dropout", dropout, 0.0, 1.0, high_open=True),
         xbn=option_bool(m, "xbn", xbn),
         xbn_groups=option_int(m, "xbn_groups", xbn_groups),
+        skip_init=option_bool(m, "skip_init", skip_init),
     )

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.errors import ConfigError
-from normlab.models.blocks import BuildContext, init_weights, norm_act, zero_init_last_norms
+from normlab.models.blocks import (
+    BuildContext,
+    SkipInit,
+    init_weights,
+    norm_act,
+    zero_init_last_norms,
+)
 from normlab.models.build import option_bool, option_int, register_model
 from normlab.norms import NormSpec
 
@@ -49,6 +55,8 @@ class BasicBlock(nn.Module):
         stride: int = 1,
         downsample: nn.Module | None = None,
         first_norm: NormSpec | None = None,
+        *,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.placement = ctx.placement
@@ -60,6 +68,7 @@ class BasicBlock(nn.Module):
         self.conv2 = ctx.conv(planes, planes, 3, norm=bn2, act_follows=False)
         self.bn2: nn.Module | None = bn2
         self.downsample = downsample
+        self.skip: nn.Module | None = SkipInit() if skip_init else None
 
     def last_norm(self) -> nn.Module | None:
         return self.bn2
@@ -69,6 +78,8 @@ class BasicBlock(nn.Module):
         out = self.conv2(out)
         if self.bn2 is not None:
             out = self.bn2(out)
+        if self.skip is not None:
+            out = self.skip(out)
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
@@ -87,6 +98,8 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         downsample: nn.Module | None = None,
         mid_norm: NormSpec | None = None,
+        *,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.placement = ctx.placement
@@ -102,6 +115,7 @@ class Bottleneck(nn.Module):
         self.bn3: nn.Module | None = bn3
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.skip: nn.Module | None = SkipInit() if skip_init else None
 
     def last_norm(self) -> nn.Module | None:
         return self.bn3
@@ -112,6 +126,8 @@ class Bottleneck(nn.Module):
         out = self.conv3(out)
         if self.bn3 is not None:
             out = self.bn3(out)
+        if self.skip is not None:
+            out = self.skip(out)
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
@@ -164,8 +180,10 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         xbn: bool = False,
         xbn_groups: int = 32,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
+        self.skip_init = skip_init
         self.placement = ctx.placement
         xbn_spec = ctx.group_norm_spec(xbn_groups) if xbn else None
         self.inplanes = 64
@@ -201,9 +219,13 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = _projection(ctx, self.inplanes, planes * block.expansion, stride)
-        layers = [block(ctx, self.inplanes, planes, stride, downsample, xbn_spec)]
+        skip = self.skip_init
+        layers = [block(ctx, self.inplanes, planes, stride, downsample, xbn_spec, skip_init=skip)]
         self.inplanes = planes * block.expansion
-        layers += [block(ctx, self.inplanes, planes, 1, None, xbn_spec) for _ in range(1, blocks)]
+        layers += [
+            block(ctx, self.inplanes, planes, 1, None, xbn_spec, skip_init=skip)
+            for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -232,6 +254,7 @@ class CifarResNet(nn.Module):
         zero_init_residual: bool = False,
         xbn: bool = False,
         xbn_groups: int = 16,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         if (depth - 2) % 6:
@@ -256,7 +279,9 @@ class CifarResNet(nn.Module):
                         if shortcut == "A"
                         else _projection(ctx, inplanes, planes, s)
                     )
-                blocks.append(BasicBlock(ctx, inplanes, planes, s, downsample, xbn_spec))
+                blocks.append(
+                    BasicBlock(ctx, inplanes, planes, s, downsample, xbn_spec, skip_init=skip_init)
+                )
                 inplanes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -276,6 +301,11 @@ _IMAGENET_OPTIONS: dict[str, tuple[object, str]] = {
     "zero_init_residual": (False, "zero the last norm weight of each block (Goyal et al. 2017)"),
     "xbn": (False, "XBNBlock: one GroupNorm per residual block (Huang et al. 2022)"),
     "xbn_groups": (32, "GroupNorm groups for xbn (clamped to the channel count)"),
+    "skip_init": (
+        False,
+        "SkipInit: a learnable scalar, 0 at init, scales each residual branch "
+        "(De & Smith 2020), for training without norm layers",
+    ),
 }
 
 
@@ -288,6 +318,7 @@ def _imagenet_resnet(
     zero_init_residual: object,
     xbn: object,
     xbn_groups: object,
+    skip_init: object,
 ) -> nn.Module:
     return ResNet(
         ctx,
@@ -297,6 +328,7 @@ def _imagenet_resnet(
         zero_init_residual=option_bool(name, "zero_init_residual", zero_init_residual),
         xbn=option_bool(name, "xbn", xbn),
         xbn_groups=option_int(name, "xbn_groups", xbn_groups),
+        skip_init=option_bool(name, "skip_init", skip_init),
     )
 
 
@@ -312,9 +344,18 @@ def resnet18(
     zero_init_residual: object,
     xbn: object,
     xbn_groups: object,
+    skip_init: object,
 ) -> nn.Module:
     return _imagenet_resnet(
-        "resnet18", BasicBlock, (2, 2, 2, 2), num_classes, ctx, zero_init_residual, xbn, xbn_groups
+        "resnet18",
+        BasicBlock,
+        (2, 2, 2, 2),
+        num_classes,
+        ctx,
+        zero_init_residual,
+        xbn,
+        xbn_groups,
+        skip_init,
     )
 
 
@@ -330,9 +371,18 @@ def resnet50(
     zero_init_residual: object,
     xbn: object,
     xbn_groups: object,
+    skip_init: object,
 ) -> nn.Module:
     return _imagenet_resnet(
-        "resnet50", Bottleneck, (3, 4, 6, 3), num_classes, ctx, zero_init_residual, xbn, xbn_groups
+        "resnet50",
+        Bottleneck,
+        (3, 4, 6, 3),
+        num_classes,
+        ctx,
+        zero_init_residual,
+        xbn,
+        xbn_groups,
+        skip_init,
     )
 
 
@@ -341,6 +391,11 @@ _CIFAR_OPTIONS: dict[str, tuple[object, str]] = {
     "zero_init_residual": (False, "zero the last norm weight of each block (Goyal et al. 2017)"),
     "xbn": (False, "XBNBlock: GroupNorm as each block's bn1 (Huang et al. 2022)"),
     "xbn_groups": (16, "GroupNorm groups for xbn (clamped to the channel count)"),
+    "skip_init": (
+        False,
+        "SkipInit: a learnable scalar, 0 at init, scales each residual branch "
+        "(De & Smith 2020), for training without norm layers",
+    ),
 }
 
 
@@ -355,6 +410,7 @@ def _register_cifar(depth: int) -> None:
         zero_init_residual: object,
         xbn: object,
         xbn_groups: object,
+        skip_init: object,
     ) -> nn.Module:
         if not isinstance(shortcut, str) or shortcut.upper() not in ("A", "B"):
             raise ConfigError(
@@ -368,6 +424,7 @@ def _register_cifar(depth: int) -> None:
             zero_init_residual=option_bool(name, "zero_init_residual", zero_init_residual),
             xbn=option_bool(name, "xbn", xbn),
             xbn_groups=option_int(name, "xbn_groups", xbn_groups),
+            skip_init=option_bool(name, "skip_init", skip_init),
         )
 
     build.__name__ = build.__qualname__ = name
