@@ -248,7 +248,7 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     specs = {p.stem: load_spec(str(p)) for p in sorted((FINDINGS / "specs").glob("*.yaml"))}
     assert set(specs) == {
         "placement", "l2", "l2-lsuv", "train-mode", "batch-size", "batch-size-mobilenetv2",
-        "batch-size-shift",
+        "batch-size-shift", "no-norm-resnet",
     }  # fmt: skip
     for name, spec in specs.items():
         assert spec.name == name and spec.baseline in spec.variant_names
@@ -281,6 +281,21 @@ def test_the_findings_specs_are_valid_and_match_their_questions():
     assert mbs.group_names == ["bs8", "bs128"] and mbs.seeds == bs.seeds
     for key in ("data", "optim", "epochs", "probes", "norm"):
         assert mbs.base[key] == bs.base[key], key
+    # ResNet-20 with BN vs without any norm from four initialisations
+    nn_ = specs["no-norm-resnet"]
+    inits = {
+        v: (c.norm.name, c.model.init, bool(c.model.options.get("skip_init")))
+        for v in nn_.variant_names
+        for c in [nn_.arm_config(None, v)]
+    }
+    assert inits == {
+        "bn": ("bn", "default", False),
+        "none": ("none", "default", False),
+        "none-lsuv": ("none", "lsuv", False),
+        "none-skipinit": ("none", "default", True),
+        "none-skipinit-lsuv": ("none", "lsuv", True),
+    }
+    assert {ref for _, ref in nn_.comparisons} == {"none"}
     # the shift remeasured on a fixed 2,048-image sample, training exactly as in batch-size
     shift = specs["batch-size-shift"]
     assert shift.base["probes"] == ["shift:images=2048:val_samples=500"]

@@ -4,12 +4,12 @@
 # (no checkpoints) into docs/findings/<name>/. Run from the repository root with
 # ../shared/datasets/cifar10-jpeg.tar.gz present (or edit data.path in the specs / pass
 # --data cifar10:PATH --set data.image_size=... to `normlab study`).
-#   bash docs/findings/run.sh                 # all seven studies
+#   bash docs/findings/run.sh                 # all eight studies
 #   bash docs/findings/run.sh placement l2    # some of them
 set -euo pipefail
 NORMLAB=${NORMLAB:-normlab}
 studies=("$@")
-[ ${#studies[@]} -eq 0 ] && studies=(train-mode placement l2 l2-lsuv batch-size batch-size-shift batch-size-mobilenetv2)
+[ ${#studies[@]} -eq 0 ] && studies=(train-mode placement l2 l2-lsuv no-norm-resnet batch-size batch-size-shift batch-size-mobilenetv2)
 for name in "${studies[@]}"; do
   out=studies/findings/$name
   start=$(date +%s)
