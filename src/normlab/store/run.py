@@ -6,10 +6,11 @@ Layout of a run directory::
     metrics.jsonl   one JSON object per finished epoch, appended and flushed every epoch
     summary.json    status (running | completed | diverged | failed), best/final accuracy, time
     checkpoint.pt   latest state (model, optimizer, scheduler, RNG states), written atomically
+    init.json       only with ``model.init: lsuv``: what the initialisation did, per layer
 
-Guarantees: ``config.yaml``, ``summary.json`` and ``checkpoint.pt`` are replaced atomically
-(write to a temporary file in the same directory, fsync, ``os.replace``), so a crash leaves
-either the old or the new file, never a torn one. ``metrics.jsonl`` is append-only during a run;
+Guarantees: ``config.yaml``, ``summary.json``, ``checkpoint.pt`` and ``init.json`` are
+written atomically (write to a temporary file in the same directory, fsync, ``os.replace``), so
+a crash leaves either the old or the new file, never a torn one. ``metrics.jsonl`` is append-only during a run;
 a torn last line (a crash mid-write) is ignored on read, and on resume the file is rewritten
 (atomically) to hold exactly the epochs the checkpoint covers, so no epoch is duplicated.
 """
@@ -34,6 +35,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+INIT = "init.json"  # only with a data-dependent init (model.init: lsuv): what it did per layer
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -100,6 +102,10 @@ class RunDir:
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
 
+    @property
+    def init_path(self) -> Path:
+        return self.path / INIT
+
     def exists(self) -> bool:
         return self.config_path.is_file()
 
@@ -136,9 +142,14 @@ class RunDir:
 
     # -- summary -----------------------------------------------------------------------------
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_text(
-            self.summary_path, json.dumps(_clean(summary), indent=2, default=_json_default) + "\n"
-        )
+        self._write_json(self.summary_path, summary)
+
+    def write_init(self, record: Mapping[str, Any]) -> None:
+        """The record of a data-dependent initialisation (``init.json``), written once."""
+        self._write_json(self.init_path, record)
+
+    def _write_json(self, path: Path, doc: Mapping[str, Any]) -> None:
+        atomic_write_text(path, json.dumps(_clean(doc), indent=2, default=_json_default) + "\n")
 
     def read_summary(self) -> dict[str, Any] | None:
         if not self.summary_path.is_file():

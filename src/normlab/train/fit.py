@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import platform
 import random
@@ -55,7 +54,6 @@ from normlab.train.runtime import ResolvedRuntime, resolve_runtime
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_DIVERGED = "diverged"
-INIT_FILE = "init.json"  # model.init: lsuv's per-layer record, in the run directory
 STATUS_FAILED = "failed"
 
 
@@ -444,14 +442,15 @@ def fit(
         steps = _lsuv(model, config, train_images, train_labels, common)
         if dctx.is_main:
             # what LSUV did, per layer, kept beside the run (resume does not redo it)
-            doc = {"method": "lsuv", "samples": config.model.init_samples, "layers": steps}
-            atomic_write_text(run.path / INIT_FILE, json.dumps(doc, indent=1) + "\n")
+            run.write_init(
+                {"method": "lsuv", "samples": config.model.init_samples, "layers": steps}
+            )
             slow = [s["name"] for s in steps if not s["converged"]]
             if verbose:
                 print(
                     f"LSUV init: {len(steps)} conv/linear layers scaled to unit output variance"
                     + (f"; not converged: {', '.join(slow)}" if slow else "")
-                    + f" ({run.path / INIT_FILE})"
+                    + f" ({run.init_path})"
                 )
 
     if config.probes:
