@@ -245,3 +245,11 @@ class SkipInit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.alpha
+
+
+SKIP_INIT_OPTION: tuple[object, str] = (
+    False,
+    "SkipInit: a learnable scalar, 0 at init, scales each residual branch (De & Smith 2020), "
+    "for training without norm layers",
+)
+"""The ``skip_init`` model option (default, help) of every architecture with residual blocks."""

@@ -15,7 +15,13 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from normlab.models.blocks import BuildContext, ConvNormAct, SkipInit, init_weights
+from normlab.models.blocks import (
+    SKIP_INIT_OPTION,
+    BuildContext,
+    ConvNormAct,
+    SkipInit,
+    init_weights,
+)
 from normlab.models.build import option_bool, option_float, option_int, register_model
 from normlab.norms import NormSpec
 
@@ -168,11 +174,7 @@ class MobileNetV2(nn.Module):
         "dropout": (0.2, "dropout before the classifier"),
         "xbn": (False, "XBNBlock: GroupNorm after the depthwise conv of every block"),
         "xbn_groups": (16, "GroupNorm groups for xbn (clamped to the channel count)"),
-        "skip_init": (
-            False,
-            "SkipInit: a learnable scalar, 0 at init, scales each residual "
-            "branch (De & Smith 2020), for training without norm layers",
-        ),
+        "skip_init": SKIP_INIT_OPTION,
     },
 )
 def mobilenetv2(

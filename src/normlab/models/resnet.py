@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from normlab.errors import ConfigError
 from normlab.models.blocks import (
+    SKIP_INIT_OPTION,
     BuildContext,
     SkipInit,
     init_weights,
@@ -301,11 +302,7 @@ _IMAGENET_OPTIONS: dict[str, tuple[object, str]] = {
     "zero_init_residual": (False, "zero the last norm weight of each block (Goyal et al. 2017)"),
     "xbn": (False, "XBNBlock: one GroupNorm per residual block (Huang et al. 2022)"),
     "xbn_groups": (32, "GroupNorm groups for xbn (clamped to the channel count)"),
-    "skip_init": (
-        False,
-        "SkipInit: a learnable scalar, 0 at init, scales each residual branch "
-        "(De & Smith 2020), for training without norm layers",
-    ),
+    "skip_init": SKIP_INIT_OPTION,
 }
 
 
@@ -315,6 +312,7 @@ def _imagenet_resnet(
     layers: Sequence[int],
     num_classes: int,
     ctx: BuildContext,
+    *,
     zero_init_residual: object,
     xbn: object,
     xbn_groups: object,
@@ -337,26 +335,8 @@ def _imagenet_resnet(
     "ResNet-18 (He et al. 2016), torchvision layout; XBNBlock GN at bn1",
     _IMAGENET_OPTIONS,
 )
-def resnet18(
-    num_classes: int,
-    ctx: BuildContext,
-    *,
-    zero_init_residual: object,
-    xbn: object,
-    xbn_groups: object,
-    skip_init: object,
-) -> nn.Module:
-    return _imagenet_resnet(
-        "resnet18",
-        BasicBlock,
-        (2, 2, 2, 2),
-        num_classes,
-        ctx,
-        zero_init_residual,
-        xbn,
-        xbn_groups,
-        skip_init,
-    )
+def resnet18(num_classes: int, ctx: BuildContext, **options: object) -> nn.Module:
+    return _imagenet_resnet("resnet18", BasicBlock, (2, 2, 2, 2), num_classes, ctx, **options)
 
 
 @register_model(
@@ -364,26 +344,8 @@ def resnet18(
     "ResNet-50 v1.5 (He et al. 2016), torchvision layout; XBNBlock GN at bn2 (seed 004)",
     _IMAGENET_OPTIONS,
 )
-def resnet50(
-    num_classes: int,
-    ctx: BuildContext,
-    *,
-    zero_init_residual: object,
-    xbn: object,
-    xbn_groups: object,
-    skip_init: object,
-) -> nn.Module:
-    return _imagenet_resnet(
-        "resnet50",
-        Bottleneck,
-        (3, 4, 6, 3),
-        num_classes,
-        ctx,
-        zero_init_residual,
-        xbn,
-        xbn_groups,
-        skip_init,
-    )
+def resnet50(num_classes: int, ctx: BuildContext, **options: object) -> nn.Module:
+    return _imagenet_resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, ctx, **options)
 
 
 _CIFAR_OPTIONS: dict[str, tuple[object, str]] = {
@@ -391,11 +353,7 @@ _CIFAR_OPTIONS: dict[str, tuple[object, str]] = {
     "zero_init_residual": (False, "zero the last norm weight of each block (Goyal et al. 2017)"),
     "xbn": (False, "XBNBlock: GroupNorm as each block's bn1 (Huang et al. 2022)"),
     "xbn_groups": (16, "GroupNorm groups for xbn (clamped to the channel count)"),
-    "skip_init": (
-        False,
-        "SkipInit: a learnable scalar, 0 at init, scales each residual branch "
-        "(De & Smith 2020), for training without norm layers",
-    ),
+    "skip_init": SKIP_INIT_OPTION,
 }
 
 
