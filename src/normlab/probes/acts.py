@@ -29,7 +29,7 @@ import torch
 
 from normlab.data import BatchLoader
 from normlab.errors import ConfigError
-from normlab.probes.base import Option, Probe, training_batches
+from normlab.probes.base import IMAGES_OPTION, Option, Probe, training_batches
 from normlab.probes.stats import ChannelMoments, layer_input_moments, norm_layers
 
 if TYPE_CHECKING:
@@ -56,12 +56,7 @@ class ActsProbe(Probe):
     name = "acts"
     OPTIONS: ClassVar[dict[str, Option]] = {
         "batches": (int, 2, 1, "training batches (of the training batch size) forwarded"),
-        "images": (
-            int,
-            0,
-            0,
-            "a fixed number of training images instead (cut to whole batches; 0: use batches)",
-        ),
+        "images": IMAGES_OPTION,
         "mode": (str, "train", None, "train: batch statistics as in training; eval: running"),
     }
 

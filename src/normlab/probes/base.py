@@ -188,6 +188,15 @@ def sample_loader(
     )
 
 
+IMAGES_OPTION: Option = (
+    int,
+    0,
+    0,
+    "a fixed number of training images instead (cut to whole batches; 0: use batches)",
+)
+"""The ``images`` option of the probes that sample with :func:`training_batches`."""
+
+
 def training_batches(
     state: FitState, batches: int, *, salt: str, images: int = 0
 ) -> BatchLoader | None:

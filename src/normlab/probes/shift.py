@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from normlab.data import BatchLoader
-from normlab.probes.base import Option, Probe, sample_loader, training_batches
+from normlab.probes.base import IMAGES_OPTION, Option, Probe, sample_loader, training_batches
 from normlab.probes.stats import (
     PopulationStatistics,
     batchnorm_layers,
@@ -79,12 +79,7 @@ class ShiftProbe(Probe):
     name = "shift"
     OPTIONS: ClassVar[dict[str, Option]] = {
         "batches": (int, 8, 1, "training batches (of the training batch size) for the statistics"),
-        "images": (
-            int,
-            0,
-            0,
-            "a fixed number of training images instead (cut to whole batches; 0: use batches)",
-        ),
+        "images": IMAGES_OPTION,
         "val_samples": (
             int,
             1000,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import sys
@@ -106,6 +107,12 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _IGNORED = ("runtime.threads", "runtime.progress", "meta")
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """TrainConfig's defaults, flattened (computed once; read, never modified)."""
+    return _flat(config_to_dict(TrainConfig()))
+
+
 def _same(va: Any, vb: Any) -> bool:
     if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
         return list(va) == list(vb)
@@ -120,7 +127,7 @@ def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> 
     the run was made before normlab had that setting, and a new setting's default keeps the old
     behaviour (so upgrading normlab does not orphan a half-finished study)."""
     a, b = _flat(saved), _flat(planned)
-    defaults = _flat(config_to_dict(TrainConfig()))
+    defaults = _defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(_IGNORED):
