@@ -21,11 +21,11 @@ from torch import nn
 from normlab.bn.convert import sync_to_batchnorm
 from normlab.cli import main
 from normlab.config import config_from_dict
+from normlab.engine.distributed import reconcile_batchnorm, wrap_ddp
 from normlab.errors import ConfigError
 from normlab.models import build_model
 from normlab.norms.sync import SyncBatchNorm, convert_sync_batchnorm
 from normlab.train import fit
-from normlab.train.distributed import reconcile_batchnorm, wrap_ddp
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from normlab.config import OptimConfig
-from normlab.train.optim import (
+from normlab.engine.optim import (
     L2Penalty,
     build_optimizer,
     build_scheduler,

@@ -44,6 +44,7 @@ def study_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "study"
     result = run_study(spec_from_dict(SPEC), out, executor="serial", stream=None)
     assert result.ok
+    write_report(out)
     return out
 
 

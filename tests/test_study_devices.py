@@ -11,6 +11,7 @@ import yaml
 from _helpers import tiny_base
 
 from normlab.errors import ConfigError
+from normlab.report import write_report
 from normlab.store import RunDir
 from normlab.study.executors import RUN_INFO, RunTask, devices_command
 from normlab.study.plan import plan_study
@@ -126,9 +127,9 @@ def test_two_process_study_end_to_end(tmp_path):
         assert len(rd.read_metrics()) == 1
         info = json.loads((run.run_dir / RUN_INFO).read_text())
         assert info["devices"] == 2 and info["n_val"] == 16 and info["variant"] == run.variant
-    assert result.report["html"].is_file()
+    assert write_report(out)["html"].is_file()
     # a finished study is skipped, not trained again
     before = [RunDir(r.run_dir).read_metrics() for r in result.plan.runs]
-    again = run_study(spec_from_dict(spec_dict(devices=2)), out, stream=None, report=False)
+    again = run_study(spec_from_dict(spec_dict(devices=2)), out, stream=None)
     assert again.ok
     assert [RunDir(r.run_dir).read_metrics() for r in result.plan.runs] == before

@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from normlab.config import config_to_dict
+from normlab.engine.runtime import cpu_supports_bf16
 from normlab.errors import ConfigError
 from normlab.study.plan import freeze, plan_study, resolve_study_runtime
 from normlab.study.runner import config_differences, prepare
 from normlab.study.spec import load_spec, spec_from_dict, spec_to_dict
-from normlab.train.runtime import cpu_supports_bf16
 
 
 def spec_dict() -> dict:
@@ -103,10 +103,14 @@ def test_a_network_that_cannot_be_built_is_named(tmp_path):
 
 def test_freezing_writes_decisions_into_the_spec_and_is_idempotent(tmp_path):
     data = spec_dict()
+    # a misspelt optional probe is an error (issue 11), not a probe silently left out
     data["optional_probes"] = ["weights", "no-such-probe"]
+    with pytest.raises(ConfigError, match=r"optional_probes: .*unknown probe 'no-such-probe'"):
+        freeze(spec_from_dict(data))
+    data["optional_probes"] = ["weights"]
     spec = spec_from_dict(data)
     frozen, runtime, dropped = freeze(spec)
-    assert dropped == ["no-such-probe"]
+    assert dropped == []
     assert frozen.optional_probes == ()
     assert list(frozen.base["probes"]) == ["weights"]
     assert frozen.base["runtime"]["precision"] == runtime["precision"]

@@ -102,7 +102,7 @@ def test_ray_executor_runs_the_study_on_a_ray_cluster(ray_cluster, tmp_path):
     assert (out / "report.html").is_file()
     # the same numbers as this machine's serial executor (1 thread each)
     reference = tmp_path / "serial"
-    run_study(load_spec(path), reference, executor="serial", stream=None, report=False)
+    run_study(load_spec(path), reference, executor="serial", stream=None)
     for key in state["runs"]:
         got = RunDir(out / "runs" / key).read_metrics()
         want = RunDir(reference / "runs" / key).read_metrics()

@@ -18,6 +18,7 @@ from _helpers import stable, subprocess_env, tiny_base
 
 from normlab.cli import main
 from normlab.errors import ConfigError
+from normlab.report import write_report
 from normlab.store import RunDir
 from normlab.study.executors import LocalExecutor, available_cores
 from normlab.study.runner import Progress, RunState, read_state, run_study, study_lock
@@ -40,6 +41,7 @@ def test_tiny_study_end_to_end_to_a_report(tmp_path):
     out = tmp_path / "study"
     result = run_study(spec_from_dict(tiny_spec()), out, jobs=2, stream=None)
     assert result.ok and result.count("completed") == 4
+    write_report(out)
     assert sorted(result.runs) == ["bn/seed-0", "bn/seed-1", "gn/seed-0", "gn/seed-1"]
     for key in result.runs:
         rd = RunDir(out / "runs" / key.replace("/seed-", "/seed-"))
@@ -70,7 +72,7 @@ def test_tiny_study_end_to_end_to_a_report(tmp_path):
 
     # the same command again finds everything finished and trains nothing
     before = {k: (out / "runs" / k / "metrics.jsonl").stat().st_mtime_ns for k in result.runs}
-    again = run_study(spec_from_dict(tiny_spec()), out, jobs=2, stream=None, report=False)
+    again = run_study(spec_from_dict(tiny_spec()), out, jobs=2, stream=None)
     assert again.ok
     after = {k: (out / "runs" / k / "metrics.jsonl").stat().st_mtime_ns for k in result.runs}
     assert before == after
@@ -246,7 +248,7 @@ def test_resume_after_sigkill_loses_and_duplicates_no_epoch(tmp_path):
         assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # and the metrics are those of an uninterrupted study (same threads: bit-identical)
     reference = tmp_path / "reference"
-    run_study(load_spec(path), reference, executor="serial", stream=None, report=False)
+    run_study(load_spec(path), reference, executor="serial", stream=None)
     for v, rows in resumed.items():
         expected = RunDir(reference / "runs" / v / "seed-0").read_metrics()
         assert stable(rows) == stable(expected)

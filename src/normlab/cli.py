@@ -147,8 +147,8 @@ def _without_devices(argv: Sequence[str]) -> list[str]:
 
 def _launch_devices(args: argparse.Namespace) -> int:
     """``normlab train --devices N``: rerun this command under torchrun in N processes."""
-    from normlab.train.distributed import launch
-    from normlab.train.fit import default_run_dir
+    from normlab.engine.distributed import launch
+    from normlab.train.setup import default_run_dir
 
     if os.environ.get("WORLD_SIZE") not in (None, "1"):
         raise NormlabError("--devices inside a torchrun job: drop --devices (torchrun sets it)")

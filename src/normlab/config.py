@@ -196,7 +196,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # None: 2 * batch_size
     drop_last: bool = True  # drop the last partial training batch (BN needs > 1 sample)
     seed: int = 0
-    probes: tuple[str, ...] = ()
+    probes: tuple[str, ...] = ()  # names, resolved by normlab.train.names before a run
     # Several processes (torchrun / --devices N): batch_size is the *global* batch.
     sync_bn: bool = False  # BN statistics over the global batch (SyncBatchNorm)
     dist_bn: str = "reduce"  # reconcile BN running stats before eval/save: reduce|broadcast|none
@@ -217,11 +217,6 @@ class TrainConfig:
             "'reduce', 'broadcast' or 'none'",
             self.dist_bn,
         )
-        if self.probes:
-            # late import: normlab.probes imports normlab.train, which imports this module
-            from normlab.probes import validate_probes
-
-            validate_probes(self.probes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +351,19 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
     result: dict[str, Any] = plain(config)
     return result
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested (config-shaped) mapping as flat dotted keys: ``{"optim": {"lr": 0.1}}`` ->
+    ``{"optim.lr": 0.1}``. ``options`` mappings and empty mappings stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v and k != "options":
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -45,6 +45,8 @@ from torch import Tensor, nn
 
 from normlab.bn.graph import NormLayer
 from normlab.errors import ConfigError, DataError, NormlabError
+from normlab.models import build_model
+from normlab.store import RunDir
 
 __all__ = [
     "Target",
@@ -57,7 +59,6 @@ __all__ = [
 ]
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_RANK_BUFFERS = re.compile(r"^bn_buffers\.rank(\d+)\.pt$")
 
 
 @dataclass
@@ -139,8 +140,6 @@ def build_arch(
     """
     name, options = _split_options(spec)
     if name.startswith("normlab:"):
-        from normlab.models import build_model
-
         classes = options.pop("num_classes", num_classes or 10)
         size = options.pop("input_size", input_size)
         return build_model(name.split(":", 1)[1], classes, input_size=size, **options)
@@ -230,31 +229,10 @@ def _run_model(
     run_path: Path, state: Mapping[str, Tensor] | None
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Rebuild the model of the run in ``run_path`` and load ``state`` into it."""
-    from normlab.config import config_from_dict, load_yaml
-    from normlab.models import build_model
-    from normlab.store import RunDir
-
     run = RunDir(run_path)
-    raw = load_yaml(run.config_path)
-    raw.pop("meta", None)
-    config = config_from_dict(raw, source=str(run.config_path))
+    config = run.read_config()
     summary = run.read_summary() or {}
-    missing = [k for k in ("num_classes", "channels", "image_size") if k not in summary]
-    if missing:
-        raise DataError(
-            f"{run.summary_path}: missing {', '.join(missing)} (needed to rebuild the model)"
-        )
-    model = build_model(
-        config.model.name,
-        int(summary["num_classes"]),
-        norm=config.norm,
-        placement=config.model.placement,
-        in_channels=int(summary["channels"]),
-        input_size=int(summary["image_size"]),
-        small_input=config.model.small_input,
-        conv_bias=config.model.conv_bias,
-        **dict(config.model.options),
-    )
+    model = run.build_model(config, summary)
     if state is not None:
         try:
             model.load_state_dict(_strip_prefix(state))
@@ -302,8 +280,6 @@ def load_target(
             "state_dict file, module:callable, an .onnx file or a .keras/.h5 file)"
         )
     if path.is_dir():
-        from normlab.store import RunDir
-
         run = RunDir(path)
         if not run.exists():
             raise DataError(f"{path}: a directory without config.yaml is not a normlab run")
@@ -427,15 +403,7 @@ def target_state_dict(target: Target) -> dict[str, Tensor]:
 def rank_buffer_files(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(rank, path)`` of every ``bn_buffers.rank<R>.pt`` in ``run_dir``, sorted by rank (empty
     when there are none: single-process runs, or ``dist_bn`` reduce/broadcast)."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        return []
-    found = []
-    for child in path.iterdir():
-        m = _RANK_BUFFERS.match(child.name)
-        if m and child.is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
+    return RunDir(run_dir).rank_buffer_files()
 
 
 def read_rank_buffers(path: str | Path) -> dict[str, Tensor]:

@@ -14,7 +14,14 @@ from normlab.models.blocks import (
     init_weights,
     zero_init_last_norms,
 )
-from normlab.models.build import MODELS, ModelEntry, build_model, list_models, register_model
+from normlab.models.build import (
+    MODELS,
+    ModelEntry,
+    build_model,
+    check_model_options,
+    list_models,
+    register_model,
+)
 from normlab.models.lsuv import LsuvLayer, lsuv_init
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "LsuvLayer",
     "ModelEntry",
     "build_model",
+    "check_model_options",
     "init_weights",
     "list_models",
     "lsuv_init",

@@ -117,17 +117,8 @@ def build_model(
     elif not isinstance(small_input, bool):
         raise ConfigError(f"small_input must be true, false or null, got {small_input!r}")
 
+    check_model_options(name, options)
     norm_overrides = {k: options.pop(k) for k in list(options) if k in NORM_OPTIONS}
-    unknown = sorted(set(options) - set(entry.options))
-    if unknown:
-        known = "; ".join(
-            f"{opt} (default {default!r}): {help_}"
-            for opt, (default, help_) in entry.options.items()
-        )
-        raise ConfigError(
-            f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
-            f"{known or '(none)'}; norm options: {', '.join(NORM_OPTIONS)}"
-        )
     spec = _resolve_norm(norm, norm_overrides)
     ctx = BuildContext(
         norm=spec,
@@ -140,6 +131,24 @@ def build_model(
     values = {opt: default for opt, (default, _) in entry.options.items()}
     values.update(options)
     return entry.builder(num_classes, ctx, **values)
+
+
+def check_model_options(name: str, options: Mapping[str, Any]) -> ModelEntry:
+    """The registry entry of model ``name``, after checking that every key of ``options`` is
+    one of its options or a NormSpec field. ConfigError listing the known models or options;
+    option *values* are checked by the builder."""
+    entry = MODELS.get(name)
+    unknown = sorted(set(options) - set(entry.options) - set(NORM_OPTIONS))
+    if unknown:
+        known = "; ".join(
+            f"{opt} (default {default!r}): {help_}"
+            for opt, (default, help_) in entry.options.items()
+        )
+        raise ConfigError(
+            f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+            f"{known or '(none)'}; norm options: {', '.join(NORM_OPTIONS)}"
+        )
+    return entry
 
 
 # Option checks for builders: messages name the model and option.

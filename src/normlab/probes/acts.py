@@ -33,7 +33,7 @@ from normlab.probes.base import IMAGES_OPTION, Option, Probe, training_batches
 from normlab.probes.stats import ChannelMoments, layer_input_moments, norm_layers
 
 if TYPE_CHECKING:
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 __all__ = ["ActsProbe", "activation_summary"]
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from normlab.data import BatchLoader
+from normlab.engine.callbacks import Callback
 from normlab.errors import ConfigError
-from normlab.train.callbacks import Callback
 
 if TYPE_CHECKING:
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 __all__ = ["Option", "Probe", "parse_probe_spec", "probe_generator", "sample_loader"]
 

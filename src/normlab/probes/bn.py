@@ -27,7 +27,7 @@ from normlab.probes.base import Option, Probe
 from normlab.probes.stats import batchnorm_layers, init_fraction
 
 if TYPE_CHECKING:
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 __all__ = ["BNProbe", "bn_summaries"]
 

@@ -28,7 +28,7 @@ from normlab.probes.base import Option, Probe, sample_loader
 from normlab.probes.stats import AutocastLike, batch_statistics_mode
 
 if TYPE_CHECKING:
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 __all__ = ["GapProbe", "train_eval_gap"]
 

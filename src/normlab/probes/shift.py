@@ -52,7 +52,7 @@ from normlab.probes.stats import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 __all__ = ["ShiftProbe", "shift_metrics"]
 
@@ -113,7 +113,7 @@ class ShiftProbe(Probe):
         )
 
     def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        from normlab.train.fit import evaluate  # late: normlab.train imports probes lazily
+        from normlab.engine.evaluate import evaluate
 
         model = state.model
         if self._train is None or not batchnorm_layers(model):

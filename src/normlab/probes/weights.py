@@ -36,7 +36,7 @@ from normlab.errors import ConfigError
 from normlab.probes.base import Option, Probe, sample_loader
 
 if TYPE_CHECKING:
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 __all__ = ["WeightsProbe", "angle_between", "scale_invariant_layers", "weight_layers"]
 

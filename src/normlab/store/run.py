@@ -5,8 +5,14 @@ Layout of a run directory::
     config.yaml     resolved TrainConfig + ``meta`` (git SHA, normlab/torch versions, host)
     metrics.jsonl   one JSON object per finished epoch, appended and flushed every epoch
     summary.json    status (running | completed | diverged | failed), best/final accuracy, time
-    checkpoint.pt   latest state (model, optimizer, scheduler, RNG states), written atomically
+    checkpoint.pt   latest state (model, optimizer, scheduler, RNG states), written atomically;
+                    its schema is :class:`normlab.store.checkpoint.Checkpoint`
     init.json       only with ``model.init: lsuv``: what the initialisation did, per layer
+    bn_buffers.rank<R>.pt  only in multi-process runs with ``dist_bn: none``: rank R's BN
+                    running statistics (the checkpoint holds rank 0's)
+
+This module is the only reader and writer of these files: the training loop, the study
+runner, the report and the BN toolbox all go through :class:`RunDir`.
 
 Guarantees: ``config.yaml``, ``summary.json``, ``checkpoint.pt`` and ``init.json`` are
 written atomically (write to a temporary file in the same directory, fsync, ``os.replace``), so
@@ -22,20 +28,37 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.errors import NormlabError
+from normlab.config import TrainConfig, config_from_dict, config_to_dict, load_yaml
+from normlab.errors import DataError, NormlabError
+from normlab.models import build_model
+from normlab.store.checkpoint import Checkpoint
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 INIT = "init.json"  # only with a data-dependent init (model.init: lsuv): what it did per layer
+RANK_BUFFERS = re.compile(r"^bn_buffers\.rank(\d+)\.pt$")
+
+# summary.json's "status"
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_DIVERGED = "diverged"
+STATUS_FAILED = "failed"
+FINISHED = (STATUS_COMPLETED, STATUS_DIVERGED)  # a run in one of these is not trained further
+# what summary.json records of the data, so a run's model can be rebuilt without the data
+MODEL_DIMS = ("num_classes", "channels", "image_size")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -106,8 +129,34 @@ class RunDir:
     def init_path(self) -> Path:
         return self.path / INIT
 
+    def rank_buffers_path(self, rank: int) -> Path:
+        return self.path / f"bn_buffers.rank{rank}.pt"
+
     def exists(self) -> bool:
         return self.config_path.is_file()
+
+    # -- config ------------------------------------------------------------------------------
+    def write_config(self, config: TrainConfig, meta: Mapping[str, Any]) -> None:
+        """``config.yaml``: the resolved config, with ``meta`` (provenance) after it."""
+        doc = config_to_dict(config)
+        doc["meta"] = dict(meta)
+        atomic_write_text(self.config_path, yaml.safe_dump(doc, sort_keys=False))
+
+    def read_config_dict(self) -> dict[str, Any]:
+        """``config.yaml`` as a plain mapping, without ``meta``; ConfigError naming the file
+        when it is missing or not a YAML mapping."""
+        raw = load_yaml(self.config_path)
+        raw.pop("meta", None)
+        return raw
+
+    def read_config(self) -> TrainConfig:
+        """The run's saved config, validated (ConfigError naming the file and key)."""
+        return config_from_dict(self.read_config_dict(), source=str(self.config_path))
+
+    def read_meta(self) -> dict[str, Any]:
+        """The ``meta`` (provenance) section of ``config.yaml``; empty when absent."""
+        meta = load_yaml(self.config_path).get("meta")
+        return dict(meta) if isinstance(meta, Mapping) else {}
 
     # -- metrics -----------------------------------------------------------------------------
     def append_metrics(self, row: Mapping[str, Any]) -> None:
@@ -161,11 +210,17 @@ class RunDir:
         return data
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+    def save_checkpoint(self, state: Checkpoint | Mapping[str, Any]) -> None:
         """Serialise ``state`` with torch.save and replace ``checkpoint.pt`` atomically."""
-        buffer = io.BytesIO()
-        torch.save(dict(state), buffer)
-        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+        doc = state.to_dict() if isinstance(state, Checkpoint) else dict(state)
+        _save_torch(self.checkpoint_path, doc)
+
+    def load_training_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint, validated against :class:`Checkpoint`; None when none."""
+        state = self.load_checkpoint()
+        if state is None:
+            return None
+        return Checkpoint.from_dict(state, source=str(self.checkpoint_path))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The latest checkpoint, or None when there is none.
@@ -184,3 +239,71 @@ class RunDir:
                 "move it away to restart the run from scratch"
             ) from None
         return state
+
+    # -- per-rank BN statistics --------------------------------------------------------------
+    def save_rank_buffers(self, model: nn.Module, rank: int) -> None:
+        """Write this rank's BN running statistics to ``bn_buffers.rank<R>.pt`` (atomic)."""
+        buffers = {
+            f"{name}.{key}" if name else key: buf.detach().cpu().clone()
+            for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm)
+            for key, buf in module.named_buffers(recurse=False)
+            if buf is not None
+        }
+        _save_torch(self.rank_buffers_path(rank), buffers)
+
+    def rank_buffer_files(self) -> list[tuple[int, Path]]:
+        """``(rank, path)`` of every ``bn_buffers.rank<R>.pt``, sorted by rank (empty when
+        there are none: single-process runs, or ``dist_bn`` reduce/broadcast)."""
+        if not self.path.is_dir():
+            return []
+        found = []
+        for child in self.path.iterdir():
+            m = RANK_BUFFERS.match(child.name)
+            if m and child.is_file():
+                found.append((int(m.group(1)), child))
+        return sorted(found)
+
+    # -- the model ---------------------------------------------------------------------------
+    def build_model(
+        self, config: TrainConfig | None = None, summary: Mapping[str, Any] | None = None
+    ) -> nn.Module:
+        """The run's network, freshly initialised (load a state into it to get the trained
+        one), from its config and the data dimensions ``summary.json`` records. DataError
+        naming the file when the summary lacks them."""
+        config = config if config is not None else self.read_config()
+        summary = summary if summary is not None else (self.read_summary() or {})
+        missing = [k for k in MODEL_DIMS if k not in summary]
+        if missing:
+            raise DataError(
+                f"{self.summary_path}: missing {', '.join(missing)} (needed to rebuild the model)"
+            )
+        return model_from_config(
+            config,
+            int(summary["num_classes"]),
+            int(summary["channels"]),
+            int(summary["image_size"]),
+        )
+
+
+def model_from_config(
+    config: TrainConfig, num_classes: int, channels: int, image_size: int
+) -> nn.Module:
+    """The network ``config`` describes, for data of these dimensions (freshly initialised)."""
+    return build_model(
+        config.model.name,
+        num_classes,
+        norm=config.norm,
+        placement=config.model.placement,
+        in_channels=channels,
+        input_size=image_size,
+        small_input=config.model.small_input,
+        conv_bias=config.model.conv_bias,
+        **dict(config.model.options),
+    )
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

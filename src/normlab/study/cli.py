@@ -163,7 +163,6 @@ def cmd_study(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             ray_address=args.ray_address,
             stream=stream,
-            report=not args.no_report,
             command=_command(),
         )
     except KeyboardInterrupt:
@@ -173,6 +172,12 @@ def cmd_study(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if not args.no_report:
+        from normlab.report import write_report
+
+        paths = write_report(out)
+        if stream is not None:
+            print(f"report: {paths['html']}", file=stream)
     return 0 if result.ok else 1
 
 

@@ -7,12 +7,16 @@ of processes it trains in (``RunSpec.devices``, from the study's ``devices`` key
 Arithmetic is resolved once per study, not per run: ``runtime.device``, ``precision`` and
 ``memory_format`` left at ``auto`` are decided here for the study as a whole and written into
 every run's config, so all variants compute the same way. Precision: each distinct network of
-the study is asked what :func:`~normlab.train.runtime.resolve_runtime` would choose on this
+the study is asked what :func:`~normlab.engine.runtime.resolve_runtime` would choose on this
 machine, and if any would train in fp32 the whole study does (the most precise choice wins; a
 study never compares bf16 runs with fp32 runs by accident). Memory format: ``channels_last``
 when any network has convolutions (it changes speed, not values: an MLP flattens the same
 numbers either way). A group or variant that *explicitly* sets a runtime field keeps it —
 then the arithmetic is what is being compared.
+
+Names are checked before any run starts: every arm's config goes through
+:func:`~normlab.train.names.resolve_names` (model, model options, norm, probes, data source),
+so a misspelt name fails the study at once, naming the arm.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from normlab.config import RuntimeConfig, TrainConfig, apply_overrides, config_from_dict
+from normlab.engine.runtime import resolve_runtime
 from normlab.errors import ConfigError, NormlabError
+from normlab.models import build_model
+from normlab.probes import build_probes
 from normlab.study.spec import StudySpec, spec_from_dict, spec_to_dict
+from normlab.train.names import resolve_names
 
 RUNS_DIR = "runs"
 
@@ -86,8 +94,6 @@ def run_dir_for(out: str | Path, group: str | None, variant: str, seed: int) -> 
 
 def _placeholder_model(config: TrainConfig) -> Any:
     """The config's network at a nominal size: enough to see its layer types, no data needed."""
-    from normlab.models import build_model
-
     return build_model(
         config.model.name,
         10,
@@ -104,8 +110,6 @@ def _placeholder_model(config: TrainConfig) -> Any:
 def resolve_study_runtime(spec: StudySpec) -> dict[str, str]:
     """The ``runtime`` fields that are ``auto`` in the base, resolved once for the study
     (see the module docstring). Returns only fields that were ``auto``."""
-    from normlab.train.runtime import resolve_runtime
-
     base_rt = config_from_dict(spec.base).runtime
     auto = [
         name
@@ -146,23 +150,17 @@ def resolve_study_runtime(spec: StudySpec) -> dict[str, str]:
 
 
 def available_probes(names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split probe ``names`` into (available here, not available): a probe is available when
-    :mod:`normlab.probes` exists and builds it."""
-    if not names:
-        return [], []
-    try:
-        from normlab.probes import build_probes
-    except ImportError:
-        return [], list(names)
-    ok, missing = [], []
+    """``(names, [])`` once every name is checked: the probes are part of normlab, so an
+    optional probe is never missing, and a misspelt one (or a bad option) is a ConfigError
+    listing the known probes, not a probe silently left out. The second list, always empty,
+    keeps the shape of :attr:`StudyPlan.probes_dropped` for study directories made when
+    probes could be absent."""
     for name in names:
         try:
             build_probes([name])
-        except (NormlabError, KeyError, ValueError):
-            missing.append(name)
-        else:
-            ok.append(name)
-    return ok, missing
+        except ConfigError as exc:
+            raise ConfigError(f"optional_probes: {exc}") from None
+    return list(names), []
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +215,12 @@ def plan_study(
     """
     out = Path(out)
     frozen, resolved, dropped = freeze(spec, runtime=runtime, probes=probes)
+    for group in frozen.group_names:
+        for variant in frozen.variant_names:
+            where = f"study '{frozen.name}', variant '{variant}'" + (
+                f" in group '{group}'" if group else ""
+            )
+            resolve_names(frozen.arm_config(group, variant), where=where)
     runs = [
         RunSpec(
             group,

@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from normlab.config import TrainConfig, config_to_dict
+from normlab.config import config_to_dict
 from normlab.errors import ConfigError
-from normlab.store import RunDir, atomic_write_text
+from normlab.store import RunDir, atomic_write_text, run_meta
+from normlab.store import config_differences as store_config_differences
 from normlab.study.executors import (
     Executor,
     RunOutcome,
@@ -78,7 +78,6 @@ class RunState:
 class StudyResult:
     plan: StudyPlan
     runs: dict[str, RunState]
-    report: Mapping[str, Path] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.runs.values() if r.status == status)
@@ -93,51 +92,11 @@ class StudyResult:
 # resuming: the saved study decides what the machine decided
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and k != "options":
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-_IGNORED = ("runtime.threads", "runtime.progress", "meta")
-
-
-@functools.cache
-def _defaults() -> dict[str, Any]:
-    """TrainConfig's defaults, flattened (computed once; read, never modified)."""
-    return _flat(config_to_dict(TrainConfig()))
-
-
-def _same(va: Any, vb: Any) -> bool:
-    if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
-        return list(va) == list(vb)
-    return bool(va == vb)
-
-
 def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
-    """``key: run has X, study gives Y`` for every setting that differs (threads and progress
-    display excepted: they do not change what is computed).
-
-    A setting the run's config does not have at all, planned at its default, is no difference:
-    the run was made before normlab had that setting, and a new setting's default keeps the old
-    behaviour (so upgrading normlab does not orphan a half-finished study)."""
-    a, b = _flat(saved), _flat(planned)
-    defaults = _defaults()
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(_IGNORED):
-            continue
-        va, vb = a.get(key), b.get(key)
-        if key not in a and key in defaults and _same(vb, defaults[key]):
-            continue
-        if not _same(va, vb):
-            diffs.append(f"{key}: run has {va!r}, study gives {vb!r}")
-    return diffs
+    """``key: run has X, study gives Y`` for every setting that differs: the one check
+    :func:`normlab.store.config_differences` (also behind ``train --resume``), worded for a
+    study."""
+    return store_config_differences(saved, planned, giver="study gives")
 
 
 def _saved_decisions(saved: StudySpec, spec: StudySpec) -> tuple[dict[str, str], list[str]]:
@@ -182,11 +141,7 @@ def prepare(spec: StudySpec, out: str | Path) -> StudyPlan:
         rd = RunDir(run.run_dir)
         if not rd.exists():
             continue
-        try:
-            saved_cfg = yaml.safe_load(rd.config_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{rd.config_path}: not valid YAML: {exc}") from None
-        diffs = config_differences(saved_cfg, config_to_dict(run.config))
+        diffs = config_differences(rd.read_config_dict(), config_to_dict(run.config))
         if diffs:
             mismatched.append(f"{run.key} ({'; '.join(diffs[:3])})")
     if mismatched:
@@ -437,8 +392,6 @@ class _Hooks:
 
 
 def study_meta(command: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
-    from normlab.train.fit import run_meta
-
     meta = run_meta()
     if command:
         meta["command"] = command
@@ -461,10 +414,12 @@ def run_study(
     ray_address: str | None = None,
     stream: TextIO | None = sys.stderr,
     live: bool | None = None,
-    report: bool = True,
     command: str | None = None,
 ) -> StudyResult:
-    """Run (or resume) every run of ``spec`` in the study directory ``out``; write the report.
+    """Run (or resume) every run of ``spec`` in the study directory ``out``.
+
+    The report is a reader of the study directory, not part of running it: write it with
+    :func:`normlab.report.write_report` (``normlab study`` does so when the runs end).
 
     ``executor``: a name in :data:`~normlab.study.executors.EXECUTORS` or an executor object;
     ``jobs``: runs in parallel (default: one per core); ``stream``: where the progress display
@@ -550,12 +505,6 @@ def run_study(
                 if r.status in ("failed", "diverged"):
                     print(f"  {r.key}: {r.status}: {r.reason}", file=stream)
         result = StudyResult(plan, runs)
-    if report:
-        from normlab.report import write_report
-
-        result.report = write_report(out)
-        if stream is not None:
-            print(f"report: {result.report['html']}", file=stream)
     return result
 
 

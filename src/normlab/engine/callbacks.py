@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from normlab.train.fit import FitState
+    from normlab.engine.state import FitState
 
 
 class Callback:
