@@ -15,10 +15,10 @@ import yaml
 
 from normlab.errors import ConfigError
 from normlab.store import RunDir
-from normlab.study.executors import RUN_INFO, failure_reason
+from normlab.study.executors import failure_reason
+from normlab.study.layout import RUN_INFO, STATE_FILE, STUDY_FILE
 from normlab.study.plan import StudyPlan, plan_study
-from normlab.study.runner import STATE_FILE
-from normlab.study.spec import STUDY_FILE, StudySpec, spec_from_dict
+from normlab.study.spec import StudySpec, spec_from_dict
 
 
 @dataclass
@@ -93,7 +93,7 @@ def load_study(out: str | Path) -> StudyData:
             status = "running" if rd.exists() else ("failed" if r.key in reasons else "pending")
         config: dict[str, Any] = {}
         if rd.config_path.is_file():
-            config = yaml.safe_load(rd.config_path.read_text(encoding="utf-8")) or {}
+            config = rd.read_config_doc()
         info: dict[str, Any] = {}
         info_path = r.run_dir / RUN_INFO
         if info_path.is_file():

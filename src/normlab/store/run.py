@@ -142,10 +142,14 @@ class RunDir:
         doc["meta"] = dict(meta)
         atomic_write_text(self.config_path, yaml.safe_dump(doc, sort_keys=False))
 
+    def read_config_doc(self) -> dict[str, Any]:
+        """``config.yaml`` as written: the config's sections and ``meta``; ConfigError naming
+        the file when it is missing or not a YAML mapping."""
+        return load_yaml(self.config_path)
+
     def read_config_dict(self) -> dict[str, Any]:
-        """``config.yaml`` as a plain mapping, without ``meta``; ConfigError naming the file
-        when it is missing or not a YAML mapping."""
-        raw = load_yaml(self.config_path)
+        """``config.yaml`` as a plain mapping, without ``meta``."""
+        raw = self.read_config_doc()
         raw.pop("meta", None)
         return raw
 
@@ -155,7 +159,7 @@ class RunDir:
 
     def read_meta(self) -> dict[str, Any]:
         """The ``meta`` (provenance) section of ``config.yaml``; empty when absent."""
-        meta = load_yaml(self.config_path).get("meta")
+        meta = self.read_config_doc().get("meta")
         return dict(meta) if isinstance(meta, Mapping) else {}
 
     # -- metrics -----------------------------------------------------------------------------

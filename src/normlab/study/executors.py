@@ -47,14 +47,8 @@ from typing import Any, Protocol
 from normlab.config import TrainConfig
 from normlab.errors import ConfigError
 from normlab.registry import Registry
+from normlab.study.layout import RUN_CONFIG, RUN_INFO, RUN_LOG
 
-RUN_INFO = "study_run.json"
-"""Written into each run directory by :func:`execute_run`: the run's place in its study and
-the sizes of its data splits (the report's binomial view needs the validation count)."""
-RUN_LOG = "train.log"
-"""The run's own output (per-epoch lines, warnings), appended by :func:`execute_run`."""
-RUN_CONFIG = "study_config.yaml"
-"""A multi-process run's resolved config, written into its run directory for ``--config``."""
 _LOCK = ".lock"
 
 

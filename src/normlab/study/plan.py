@@ -31,10 +31,9 @@ from normlab.engine.runtime import resolve_runtime
 from normlab.errors import ConfigError, NormlabError
 from normlab.models import build_model
 from normlab.probes import build_probes
+from normlab.study.layout import run_dir_for
 from normlab.study.spec import StudySpec, spec_from_dict, spec_to_dict
 from normlab.train.names import resolve_names
-
-RUNS_DIR = "runs"
 
 
 @dataclass(frozen=True)
@@ -79,13 +78,6 @@ class StudyPlan:
     def arms(self) -> list[tuple[str | None, str]]:
         """(group, variant) pairs in plan order."""
         return [(g, v) for g in self.spec.group_names for v in self.spec.variant_names]
-
-
-def run_dir_for(out: str | Path, group: str | None, variant: str, seed: int) -> Path:
-    base = Path(out) / RUNS_DIR
-    if group:
-        base = base / group
-    return base / variant / f"seed-{seed}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,11 +47,10 @@ from normlab.study.executors import (
     failure_reason,
     make_executor,
 )
+from normlab.study.layout import LOCK_FILE, STATE_FILE, STUDY_FILE
 from normlab.study.plan import RunSpec, StudyPlan, plan_study
-from normlab.study.spec import STUDY_FILE, StudySpec, load_spec_file, spec_to_dict
+from normlab.study.spec import StudySpec, load_spec_file, spec_to_dict
 
-STATE_FILE = "state.json"
-LOCK_FILE = ".study.lock"
 FINAL = ("completed", "diverged")  # statuses that are not run again
 
 

@@ -65,9 +65,7 @@ from normlab.config import (
     config_from_dict,
 )
 from normlab.errors import ConfigError
-
-STUDY_FILE = "study.yaml"
-"""The file a study directory keeps its (applied) specification in; a valid spec file itself."""
+from normlab.study.layout import STUDY_FILE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _TOP_KEYS = (
