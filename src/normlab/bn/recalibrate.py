@@ -13,6 +13,12 @@ batches:
 * ``running_var = sum((x - mean)^2) / (n - 1)``: the **unbiased** population variance, the same
   convention as PyTorch's own ``running_var`` (eval mode divides by ``sqrt(running_var + eps)``).
 
+The result also carries each layer's statistics with the **biased** variance
+``sum((x - mean)^2) / n`` (``RecalibrationResult.population``, as
+:class:`normlab.probes.stats.PopulationStatistics`, the convention of
+:mod:`normlab.probes.stats`): the reference the doctor's estimation shift
+(:func:`normlab.probes.stats.estimation_shift`) measures the old running statistics against.
+
 Per batch the layer's input mean and sum of squared deviations are computed in float64 and
 merged exactly (Chan et al.'s parallel update), i.e. each batch is weighted by its number of
 values: an equal-weight average of per-batch means and per-batch ``E[x^2]`` when the batches have
@@ -38,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import DataError, NormlabError
+from normlab.probes.stats import PopulationStatistics
 
 __all__ = ["LayerMoments", "RecalibrationResult", "batch_input", "recalibrate_batchnorm"]
 
@@ -86,6 +93,10 @@ class RecalibrationResult:
     """(layer, reason): BN-like layers left alone (no running statistics, not reached)."""
     old: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     """Layer -> (running_mean, running_var) before recalibration (float64 copies)."""
+    population: dict[str, PopulationStatistics] = field(default_factory=dict, repr=False)
+    """Layer -> the population statistics measured, with the **biased** variance (float64, on
+    the layer's device): what :func:`normlab.probes.stats.estimation_shift` compares running
+    statistics with. ``running_var`` got the unbiased one, ``var * count / (count - 1)``."""
 
 
 def batch_input(batch: Any) -> Any:
@@ -218,4 +229,7 @@ def recalibrate_batchnorm(
             bn.running_var.copy_(mom.variance(unbiased=True).to(bn.running_var))
             result.layers.append(name)
             result.values_per_channel[name] = mom.n
+            result.population[name] = PopulationStatistics(
+                mean=mom.mean, var=mom.variance(unbiased=False), count=mom.n
+            )
     return result
