@@ -3,6 +3,7 @@ export of folded models checked against onnxruntime."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from normlab.bn import (
 from normlab.bn.convert import keras_momentum, torch_momentum
 from normlab.models import build_model
 from normlab.norms import FrozenBatchNorm
+from normlab.norms.sync import SyncBatchNorm, convert_sync_batchnorm
 
 torch.set_num_threads(1)
 X = torch.randn(6, 3, 8, 8)
@@ -75,6 +77,59 @@ def test_sync_to_batchnorm_keeps_outputs() -> None:
         assert torch.equal(plain.eval()(X), reference)
     root = sync_to_batchnorm(nn.SyncBatchNorm(3), torch.randn(2, 3))
     assert type(root) is nn.BatchNorm1d
+
+
+class _Layers(nn.Module):
+    """BN layers of every kind and setting, one of them at two places (no forward needed: the
+    conversion records each layer's type)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.BatchNorm2d(4, eps=1e-3, momentum=0.3)
+        self.b = nn.BatchNorm1d(5, momentum=None, affine=False)
+        self.c = nn.BatchNorm3d(2, track_running_stats=False)
+        self.d = nn.BatchNorm2d(3, affine=False, track_running_stats=False)  # holds no tensor
+        self.inner = nn.Sequential(nn.Conv2d(3, 4, 1), self.a)  # self.a shared
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batchnorm_to_sync_and_back_restores_everything(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    reference = _Layers().to(dtype)
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial statistics and step counters
+            reference.a(torch.randn(6, 4, 3, 3, dtype=dtype) * 2.0 + 0.5)
+            reference.b(torch.randn(6, 5, dtype=dtype) - 1.0)
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    reference.a.weight.requires_grad_(False)  # frozen gamma, trainable beta
+    reference.b.eval()
+    reference.inner[0].eval()
+    layers = ("a", "b", "c", "d")
+    model = copy.deepcopy(reference)
+
+    synced = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert [type(getattr(synced, n)) for n in layers] == [SyncBatchNorm] * 4
+    assert synced.inner[1] is synced.a  # one SyncBN where there was one BN
+    back = sync_to_batchnorm(synced)
+
+    assert [type(getattr(back, n)) for n in layers] == [type(getattr(reference, n)) for n in layers]
+    assert back.inner[1] is back.a
+    for converted in (synced, back):
+        state, expected = converted.state_dict(), reference.state_dict()
+        assert list(state) == list(expected)
+        for key, value in expected.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+        for name in layers:
+            old, new = getattr(reference, name), getattr(converted, name)
+            for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+                assert getattr(new, attr) == getattr(old, attr), (name, attr)
+            assert [(n, p.requires_grad) for n, p in new.named_parameters()] == [
+                (n, p.requires_grad) for n, p in old.named_parameters()
+            ], name
+        assert [m.training for m in converted.modules()] == [
+            m.training for m in reference.modules()
+        ]
 
 
 def test_to_frozen_batchnorm() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from _helpers import settle
@@ -224,6 +225,63 @@ def test_estimation_shift_after_weight_averaging() -> None:
     assert report.exit_code == 1
     recalibrate_batchnorm(model, data)
     assert "bn-estimation-shift" not in diagnose(model, data).ids()
+
+
+def _np_shift(
+    running_mean: np.ndarray, running_var: np.ndarray, values: np.ndarray, eps: float
+) -> tuple[float, float]:
+    """The estimation shift written out: ``values`` is (C, n), the population variance biased."""
+    mean, var = values.mean(1), values.var(1, ddof=0)
+    mean_shift = np.mean(np.abs(running_mean - mean) / np.sqrt(var + eps))
+    var_shift = np.mean(np.abs(np.log(running_var + eps) - np.log(var + eps)))
+    return float(mean_shift), float(var_shift)
+
+
+def test_estimation_shift_equals_closed_form_with_the_biased_variance() -> None:
+    """Few values per channel (2 batches x 4 x 3 x 3 = 72), so the unbiased variance would
+    differ by log(72 / 71) = 0.014 in the variance shift: far above the tolerance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1, bias=False), nn.BatchNorm2d(2, eps=1e-3)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64) * 2 + 1 for _ in range(2)]
+    with torch.no_grad():
+        for bn in (model[0], model[2]):
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-0.5, 0.5, generator=g)
+            bn.running_mean.uniform_(-1.0, 1.0, generator=g)
+            bn.running_var.uniform_(0.5, 3.0, generator=g)
+    model.eval()
+    # closed form: layer 0 sees the raw input; layer 2 the 1x1 conv of layer 0's output, which
+    # normalises each batch by its own (biased) statistics, as in training
+    per_channel = [b.numpy().transpose(1, 0, 2, 3).reshape(3, -1) for b in batches]
+    bn0, w = model[0], model[1].weight.detach().numpy()[:, :, 0, 0]
+    gamma, beta = bn0.weight.detach().numpy()[:, None], bn0.bias.detach().numpy()[:, None]
+    normalised = [
+        (v - v.mean(1, keepdims=True)) / np.sqrt(v.var(1, ddof=0, keepdims=True) + bn0.eps)
+        for v in per_channel
+    ]
+    inputs = {
+        "0": np.concatenate(per_channel, axis=1),
+        "2": np.concatenate([w @ (gamma * h + beta) for h in normalised], axis=1),
+    }
+    before = {
+        n: (model[int(n)].running_mean.clone(), model[int(n)].running_var.clone()) for n in inputs
+    }
+
+    report = diagnose(
+        model, batches, trained=True, shift_mean_threshold=0.0, shift_var_threshold=0.0
+    )
+    found = {f.layer: f.evidence for f in report.by_id("bn-estimation-shift")}
+    assert sorted(found) == ["0", "2"]
+    for name, values in inputs.items():
+        bn = model[int(name)]
+        rm, rv = (t.numpy() for t in before[name])
+        mean_shift, var_shift = _np_shift(rm, rv, values, bn.eps)
+        assert found[name]["mean_shift"] == pytest.approx(mean_shift, rel=1e-10)
+        assert found[name]["var_log_ratio"] == pytest.approx(var_shift, rel=1e-10)
+        assert torch.equal(bn.running_mean, before[name][0])  # the model itself is untouched
 
 
 def test_sync_batchnorm_is_noted() -> None:

@@ -45,6 +45,10 @@ def test_first_layer_statistics_are_closed_form() -> None:
     bn = model[0]
     np.testing.assert_allclose(bn.running_mean.numpy(), arr.mean(1), rtol=1e-12)
     np.testing.assert_allclose(bn.running_var.numpy(), arr.var(1, ddof=1), rtol=1e-12)
+    population = result.population["0"]  # the probes' convention: biased variance
+    np.testing.assert_allclose(population.mean.numpy(), arr.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(population.var.numpy(), arr.var(1, ddof=0), rtol=1e-12)
+    assert population.count == 48 * 25
     assert result.layers == ["0", "2", "6"]
     assert result.batches == 3 and result.samples == 48
     assert result.values_per_channel["0"] == 48 * 25

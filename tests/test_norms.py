@@ -21,6 +21,7 @@ from normlab.norms import (
     make_norm,
     uses_batch_stats,
 )
+from normlab.norms.swap import swap_modules
 
 EPS = 1e-5
 ALL_NORMS = ("bn", "brn", "frozen_bn", "ghost_bn", "gn", "in", "ln", "none")
@@ -514,3 +515,27 @@ def test_bfloat16_input_keeps_its_dtype_and_float32_statistics(name: str) -> Non
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad is not None
     assert m.running_mean.dtype == torch.float32
+
+
+# ---- swapping layers -------------------------------------------------------------------------
+
+
+def test_swap_modules_visits_in_order_keeps_sharing_and_replaces_the_root() -> None:
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(
+        nn.Linear(3, 3), shared, nn.Sequential(shared, nn.Sequential(nn.ReLU())), shared
+    )
+    asked: list[str] = []
+
+    def to_identity(name: str, m: nn.Module) -> nn.Module | None:
+        asked.append(name)
+        return nn.Identity() if isinstance(m, nn.BatchNorm1d | nn.Sequential) and name else None
+
+    out = swap_modules(model, to_identity)
+    assert out is model
+    assert asked == ["", "0", "1", "2"]  # "1" once for its three places; "2" not entered
+    assert isinstance(model[1], nn.Identity) and model[1] is model[3]
+    assert isinstance(model[2], nn.Identity) and isinstance(model[0], nn.Linear)
+    root = nn.BatchNorm2d(2)
+    assert isinstance(swap_modules(root, lambda name, m: nn.Identity()), nn.Identity)
+    assert swap_modules(root, lambda name, m: None) is root

@@ -38,6 +38,7 @@ from normlab.bn.graph import CONV_MODULES, analyze, input_shapes
 from normlab.bn.load import require_same_keys
 from normlab.errors import NormlabError
 from normlab.norms import FrozenBatchNorm
+from normlab.norms.swap import rebuild_batchnorm, swap_modules
 from normlab.norms.sync import SyncBatchNorm as NormlabSyncBatchNorm
 
 __all__ = [
@@ -64,15 +65,6 @@ def keras_momentum(torch_value: float) -> float:
 def _note(report: list[str] | None, line: str) -> None:
     if report is not None:
         report.append(line)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-    return model
 
 
 def keras_to_torch_conventions(
@@ -131,8 +123,10 @@ def sync_to_batchnorm(
     (``original_type``, set by :func:`normlab.norms.sync.convert_sync_batchnorm`); the input
     rank seen on ``example_input`` (a forward records each layer's input); the layer feeding it
     (Conv1d/Linear -> BatchNorm1d, Conv2d -> 2d, Conv3d -> 3d); else BatchNorm2d. Parameters,
-    buffers, momentum, eps, ``requires_grad``, device, dtype and the train/eval mode carry over,
-    so eval outputs are unchanged (and train outputs too, in a single process).
+    buffers, momentum, eps, ``requires_grad``, device, dtype and the train/eval mode carry over
+    (:func:`normlab.norms.swap.rebuild_batchnorm`, the same as for the conversion to SyncBN),
+    so eval outputs are unchanged (and train outputs too, in a single process). A layer shared
+    by several parents becomes one BatchNorm that they share.
     """
     syncs = [
         (n, m)
@@ -156,53 +150,33 @@ def sync_to_batchnorm(
                     dims[layer.name] = 2 if isinstance(src, nn.Linear) else 3
                 elif isinstance(src, CONV_MODULES):
                     dims[layer.name] = 4 if isinstance(src, nn.Conv2d) else 5
-    for name, sync in syncs:
-        assert isinstance(sync, _BatchNorm)
+
+    def to_plain(name: str, sync: nn.Module) -> nn.Module | None:
+        if not isinstance(sync, nn.SyncBatchNorm | NormlabSyncBatchNorm):
+            return None
         recorded = _recorded_type(sync)
         cls = recorded if recorded is not None else _bn_class_for(name, model, dims)
-        bn = cls(
-            sync.num_features,
-            eps=sync.eps,
-            momentum=sync.momentum,
-            affine=sync.affine,
-            track_running_stats=sync.track_running_stats,
-        )
-        bn.load_state_dict(sync.state_dict())
-        bn = bn.to(device=_device(sync), dtype=_dtype(sync))
-        if sync.affine:
-            assert bn.weight is not None and bn.bias is not None
-            assert sync.weight is not None and sync.bias is not None
-            bn.weight.requires_grad_(sync.weight.requires_grad)
-            bn.bias.requires_grad_(sync.bias.requires_grad)
-        bn.train(sync.training)
-        model = _replace(model, name, bn)
         kind = "SyncBatchNorm" if isinstance(sync, nn.SyncBatchNorm) else "normlab SyncBatchNorm"
         how = " (recorded original type)" if recorded is not None else ""
+        plain = rebuild_batchnorm(sync, cls)
         _note(report, f"{name or '<root>'}: {kind} -> {cls.__name__}{how}")
-    return model
+        return plain
 
-
-def _device(m: nn.Module) -> torch.device:
-    t = next(iter(m.buffers()), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
-def _dtype(m: nn.Module) -> torch.dtype:
-    t = getattr(m, "running_mean", None)
-    return t.dtype if isinstance(t, Tensor) else torch.float32
+    return swap_modules(model, to_plain)
 
 
 def to_frozen_batchnorm(model: nn.Module, *, report: list[str] | None = None) -> nn.Module:
     """Replace every BN with running statistics by a :class:`~normlab.norms.FrozenBatchNorm`
     holding its current statistics and affine (eval outputs unchanged)."""
-    targets = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
-    ]
-    for name, bn in targets:
-        model = _replace(model, name, FrozenBatchNorm.from_batchnorm(bn))
+
+    def to_frozen(name: str, bn: nn.Module) -> nn.Module | None:
+        if not isinstance(bn, _BatchNorm) or bn.running_mean is None or bn.running_var is None:
+            return None
+        frozen = FrozenBatchNorm.from_batchnorm(bn)
         _note(report, f"{name or '<root>'}: {type(bn).__name__} -> FrozenBatchNorm")
+        return frozen
+
+    model = swap_modules(model, to_frozen)
     skipped = [
         n
         for n, m in model.named_modules()

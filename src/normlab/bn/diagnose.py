@@ -76,6 +76,7 @@ from normlab.bn.graph import ModelGraph, NormLayer, analyze, eval_mode, norm_fam
 from normlab.bn.load import require_same_keys
 from normlab.bn.recalibrate import batch_input, recalibrate_batchnorm
 from normlab.errors import ConfigError, DataError, NormlabError
+from normlab.probes.stats import estimation_shift
 
 __all__ = [
     "CHECKS",
@@ -693,14 +694,8 @@ def _shift_findings(
         if name in skip:
             continue
         old_mean, old_var = result.old[name]
-        bn = modules[name]
-        eps = float(getattr(bn, "eps", 1e-5))
-        rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
-        if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
-            continue
-        new_mean, new_var = rm.detach().double().cpu(), rv.detach().double().cpu()
-        mean_shift = float(((old_mean - new_mean).abs() / torch.sqrt(new_var + eps)).mean())
-        var_shift = float(torch.log((old_var + eps) / (new_var + eps)).abs().mean())
+        eps = float(getattr(modules[name], "eps", 1e-5))
+        mean_shift, var_shift = estimation_shift(old_mean, old_var, result.population[name], eps)
         if not (math.isfinite(mean_shift) and math.isfinite(var_shift)):
             continue
         if mean_shift > mean_threshold or var_shift > var_threshold:
@@ -758,8 +753,13 @@ def diagnose(
         min_count: below this many values per channel per batch ``bn-tiny-count`` warns.
         dynamic: run the dynamic checks when input is available.
         shift_mean_threshold / shift_var_threshold: ``bn-estimation-shift`` fires when the
-            channel-averaged ``|mean_run - mean_pop| / std_pop`` or ``|log(var_run / var_pop)|``
-            exceeds them.
+            mean or the variance shift of :func:`normlab.probes.stats.estimation_shift` (the
+            ``shift`` probe's definition) exceeds them: over channels, the average of
+            ``|mean_run - mean_pop| / sqrt(var_pop + eps)`` and of
+            ``|log((var_run + eps) / (var_pop + eps))|``, with ``mean_pop`` and the **biased**
+            ``var_pop`` the population statistics of ``data`` (precise BN, measured as
+            :func:`~normlab.bn.recalibrate.recalibrate_batchnorm` does). The finding's evidence
+            holds both values (``mean_shift``, ``var_log_ratio``).
         target / target_hint: how the report names the model, and the TARGET in fix commands.
     """
     if context not in ("inference", "training"):

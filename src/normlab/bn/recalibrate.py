@@ -13,9 +13,16 @@ batches:
 * ``running_var = sum((x - mean)^2) / (n - 1)``: the **unbiased** population variance, the same
   convention as PyTorch's own ``running_var`` (eval mode divides by ``sqrt(running_var + eps)``).
 
+The result also carries each layer's statistics with the **biased** variance
+``sum((x - mean)^2) / n`` (``RecalibrationResult.population``, as
+:class:`normlab.probes.stats.PopulationStatistics`, the convention of
+:mod:`normlab.probes.stats`): the reference the doctor's estimation shift
+(:func:`normlab.probes.stats.estimation_shift`) measures the old running statistics against.
+
 Per batch the layer's input mean and sum of squared deviations are computed in float64 and
-merged exactly (Chan et al.'s parallel update), i.e. each batch is weighted by its number of
-values: an equal-weight average of per-batch means and per-batch ``E[x^2]`` when the batches have
+merged exactly (Chan et al.'s parallel update: :class:`normlab.probes.stats.ChannelMoments`, the
+accumulator of the probes' population statistics, fed the input cast to float64), i.e. each
+batch is weighted by its number of values: an equal-weight average of per-batch means and per-batch ``E[x^2]`` when the batches have
 equal size, and in every case the same result however the data are split into batches (up to
 float64 rounding).
 
@@ -38,39 +45,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import DataError, NormlabError
+from normlab.probes.stats import ChannelMoments, PopulationStatistics
 
-__all__ = ["LayerMoments", "RecalibrationResult", "batch_input", "recalibrate_batchnorm"]
-
-
-class LayerMoments:
-    """Running count, mean and sum of squared deviations per channel (float64, exact merge)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def add(self, x: Tensor) -> None:
-        """Merge the values of ``x`` (N, C, *) per channel C."""
-        c = x.shape[1]
-        xc = x.detach().transpose(0, 1).reshape(c, -1).to(torch.float64)
-        nb = xc.shape[1]
-        if nb == 0:
-            return
-        mean_b = xc.mean(1)
-        m2_b = ((xc - mean_b[:, None]) ** 2).sum(1)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = nb, mean_b, m2_b
-            return
-        n = self.n + nb
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.n * nb / n)
-        self.n = n
-
-    def variance(self, unbiased: bool = True) -> Tensor:
-        assert self.m2 is not None
-        return self.m2 / max(self.n - (1 if unbiased else 0), 1)
+__all__ = ["RecalibrationResult", "batch_input", "recalibrate_batchnorm"]
 
 
 @dataclass
@@ -86,6 +63,10 @@ class RecalibrationResult:
     """(layer, reason): BN-like layers left alone (no running statistics, not reached)."""
     old: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     """Layer -> (running_mean, running_var) before recalibration (float64 copies)."""
+    population: dict[str, PopulationStatistics] = field(default_factory=dict, repr=False)
+    """Layer -> the population statistics measured, with the **biased** variance (float64, on
+    the layer's device): what :func:`normlab.probes.stats.estimation_shift` compares running
+    statistics with. ``running_var`` got the unbiased one, ``var * count / (count - 1)``."""
 
 
 def batch_input(batch: Any) -> Any:
@@ -158,14 +139,15 @@ def recalibrate_batchnorm(
         for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and (m.running_mean is None or m.running_var is None)
     ]
-    moments = {name: LayerMoments() for name, _ in named}
+    moments = {name: ChannelMoments() for name, _ in named}
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
 
     def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def record(m: nn.Module, args: tuple[Any, ...]) -> None:
-            moments[name].add(args[0])
+            # float64 from the start, not only in the merge: a one-off pass, precision is cheap
+            moments[name].update(args[0].double())
 
         return record
 
@@ -201,12 +183,13 @@ def recalibrate_batchnorm(
     with torch.no_grad():
         for name, bn in named:
             mom = moments[name]
-            if mom.mean is None:
+            n = mom.count
+            if n == 0:
                 result.skipped.append((name, "not reached by the forward passes"))
                 continue
-            if mom.n < 2:
+            if n < 2:
                 raise NormlabError(
-                    f"layer {name!r} saw {mom.n} value per channel over {n_batches} batch(es); "
+                    f"layer {name!r} saw {n} value per channel over {n_batches} batch(es); "
                     "a variance needs at least 2: use more or larger batches"
                 )
             assert bn.running_mean is not None and bn.running_var is not None
@@ -214,8 +197,10 @@ def recalibrate_batchnorm(
                 bn.running_mean.detach().double().cpu().clone(),
                 bn.running_var.detach().double().cpu().clone(),
             )
-            bn.running_mean.copy_(mom.mean.to(bn.running_mean))
-            bn.running_var.copy_(mom.variance(unbiased=True).to(bn.running_var))
+            population = PopulationStatistics(mean=mom.mean, var=mom.var, count=n)  # biased
+            bn.running_mean.copy_(population.mean.to(bn.running_mean))
+            bn.running_var.copy_((population.var * (n / (n - 1))).to(bn.running_var))
             result.layers.append(name)
-            result.values_per_channel[name] = mom.n
+            result.values_per_channel[name] = n
+            result.population[name] = population
     return result

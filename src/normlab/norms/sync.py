@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import ConfigError
+from normlab.norms.swap import rebuild_batchnorm, swap_modules
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -88,12 +89,6 @@ class SyncBatchNorm(_BatchNorm):
         return y.to(input.dtype)
 
 
-def _keep_requires_grad(old: nn.Module, new: nn.Module) -> None:
-    """A frozen gamma/beta stays frozen across a conversion."""
-    for name, param in old.named_parameters(recurse=False):
-        getattr(new, name).requires_grad_(param.requires_grad)
-
-
 def _batchnorm_types() -> tuple[type[nn.Module], ...]:
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -102,8 +97,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Replace every plain ``BatchNorm*d`` with a synchronised one, keeping its state.
 
     On CUDA this is ``torch.nn.SyncBatchNorm`` (via its own converter); elsewhere normlab's
-    :class:`SyncBatchNorm`. Batch Renormalization and ghost BN are refused (ConfigError): a
-    plain SyncBN would silently drop what makes them different.
+    :class:`SyncBatchNorm`, built by :func:`normlab.norms.swap.rebuild_batchnorm`
+    (hyperparameters, the state_dict on the same device and in the same dtype, requires_grad and
+    the train/eval flag carry over) with the class it replaces recorded as ``original_type``; a
+    layer shared by several parents becomes one SyncBN that they share. Batch Renormalization
+    and ghost BN are refused (ConfigError): a plain SyncBN would silently drop what makes them
+    different.
     """
     from normlab.norms.layers import _BatchRenorm, _GhostBatchNorm
 
@@ -115,24 +114,13 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             )
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _convert(model)
+    return swap_modules(model, _to_sync)
 
 
-def _convert(module: nn.Module) -> nn.Module:
-    if type(module) in _batchnorm_types():
-        assert isinstance(module, _BatchNorm)
-        new = SyncBatchNorm(
-            module.num_features,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-        )
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        _keep_requires_grad(module, new)
-        new.original_type = type(module)  # what normlab.bn.convert.sync_to_batchnorm restores
-        return new.to(next(iter(module.state_dict().values())).device)
-    for name, child in module.named_children():
-        setattr(module, name, _convert(child))
-    return module
+def _to_sync(name: str, module: nn.Module) -> SyncBatchNorm | None:
+    if type(module) not in _batchnorm_types():
+        return None
+    assert isinstance(module, _BatchNorm)
+    new = rebuild_batchnorm(module, SyncBatchNorm)
+    new.original_type = type(module)  # what normlab.bn.convert.sync_to_batchnorm restores
+    return new

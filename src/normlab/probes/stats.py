@@ -1,7 +1,10 @@
 """Statistics of what normalization layers see: the math shared by the probes and the BN toolbox.
 
 Plain functions first (fvcore's ``precise_bn`` style); the probes in this package are thin
-wrappers around them, and ``normlab.bn`` (recalibration) uses the same definitions.
+wrappers around them, and ``normlab.bn`` calls them too: recalibration accumulates with
+:class:`ChannelMoments` (and writes the unbiased variance into ``running_var``), the doctor's
+``bn-estimation-shift`` is :func:`estimation_shift` against those statistics with the biased
+variance. (``normlab.bn`` imports this module; nothing here imports ``normlab.bn``.)
 
 Conventions, stated once for everything in this module:
 

@@ -100,23 +100,27 @@ _STUDY_OWNED = ("seed",)
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One arm of the study: overrides (flat dotted keys) of the base configuration."""
+class Entry:
+    """One entry of ``variants`` or ``groups``: a name, overrides (flat dotted keys) of the base
+    configuration, a description, and optionally its own processes per run.
+
+    A variant and a group hold the same things and differ only in how the study uses them
+    (every variant runs in every group; comparisons stay within a group), so both are this
+    class, under the names :data:`Variant` and :data:`Group`.
+    """
 
     name: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
-    devices: int | None = None  # processes per run; None: the group's or the study's
+    devices: int | None = None  # processes per run; None: inherited (group, else study)
 
 
-@dataclass(frozen=True)
-class Group:
-    """A setting every variant is run in (a model, a batch size); compared within, not across."""
+Variant = Entry
+"""A variant of the study (one arm in each group): an :class:`Entry` of ``variants``."""
 
-    name: str
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
-    devices: int | None = None  # processes per run; None: the group's or the study's
+Group = Entry
+"""A setting every variant is run in (a model, a batch size), compared within, not across: an
+:class:`Entry` of ``groups``."""
 
 
 @dataclass(frozen=True)
@@ -435,12 +439,8 @@ def spec_from_dict(
     except ConfigError as exc:
         raise _fail(source, f"base: {exc}") from None
 
-    variants = tuple(
-        Variant(n, o, d, k) for n, o, d, k in _entries(data["variants"], "variants", source, True)
-    )
-    groups = tuple(
-        Group(n, o, d, k) for n, o, d, k in _entries(data.get("groups"), "groups", source, False)
-    )
+    variants = tuple(Variant(*e) for e in _entries(data["variants"], "variants", source, True))
+    groups = tuple(Group(*e) for e in _entries(data.get("groups"), "groups", source, False))
     baseline = data.get("baseline", variants[0].name)
     if baseline not in [v.name for v in variants]:
         raise _fail(
@@ -549,7 +549,7 @@ def validate(spec: StudySpec) -> None:
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     """A YAML-safe mapping that :func:`spec_from_dict` turns back into an equal spec."""
 
-    def entry(e: Variant | Group) -> dict[str, Any]:
+    def entry(e: Entry) -> dict[str, Any]:
         body = {k: _plain(v) for k, v in e.overrides.items()}
         if e.devices is not None:
             body[DEVICES_KEY] = e.devices
@@ -638,7 +638,7 @@ def shadowed_keys(spec: StudySpec, keys: Sequence[str]) -> list[str]:
     (as ``"key (variant post)"``), so that the CLI can say the setting does not reach them."""
     out = []
     for key in keys:
-        entries: list[tuple[Group | Variant, str]] = [
+        entries: list[tuple[Entry, str]] = [
             *((g, "group") for g in spec.groups),
             *((v, "variant") for v in spec.variants),
         ]
