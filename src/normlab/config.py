@@ -355,11 +355,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested (config-shaped) mapping as flat dotted keys: ``{"optim": {"lr": 0.1}}`` ->
-    ``{"optim.lr": 0.1}``. ``options`` mappings and empty mappings stay whole values."""
+    ``{"optim.lr": 0.1}``. ``options`` mappings (``model.options`` nested or dotted) and empty
+    mappings stay whole values."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v and k != "options":
+        if isinstance(v, Mapping) and v and str(k).rsplit(".", 1)[-1] != "options":
             out.update(flatten(v, key))
         else:
             out[key] = v

@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.bn.graph import CONV_MODULES, analyze, input_shapes
 from normlab.bn.load import require_same_keys
-from normlab.errors import NormlabError
+from normlab.errors import DataError, NormlabError
 from normlab.norms import FrozenBatchNorm
 from normlab.norms.swap import rebuild_batchnorm, swap_modules
 from normlab.norms.sync import SyncBatchNorm as NormlabSyncBatchNorm
@@ -254,8 +254,6 @@ def reduce_ranks(
         DataError: a key missing from a rank, shapes that differ, or a non-statistics entry
             that differs between ranks (the message names the key and the ranks).
     """
-    from normlab.errors import DataError
-
     if len(state_dicts) < 2:
         raise NormlabError(
             f"reduce-ranks needs at least 2 state_dicts (one per rank), got {len(state_dicts)}"

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.bn.graph import ModelGraph, NormLayer, analyze, eval_mode, norm_family
-from normlab.bn.load import require_same_keys
+from normlab.bn.load import _strip_prefix, require_same_keys
 from normlab.bn.recalibrate import batch_input, recalibrate_batchnorm
 from normlab.errors import ConfigError, DataError, NormlabError
 from normlab.probes.stats import estimation_shift
@@ -856,8 +856,6 @@ _CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
 def _rank_tensors(item: Mapping[str, Any] | nn.Module, label: str) -> dict[str, Tensor]:
     """The tensors of one rank: a module's state_dict, a state_dict, or the state_dict inside a
     checkpoint dict (``model`` / ``state_dict`` entry); DDP/compile key prefixes removed."""
-    from normlab.bn.load import _strip_prefix
-
     if isinstance(item, nn.Module):
         state: Mapping[str, Any] = item.state_dict()
     elif isinstance(item, Mapping):

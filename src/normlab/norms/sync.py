@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import ConfigError
+from normlab.norms.layers import _BatchRenorm, _GhostBatchNorm
 from normlab.norms.swap import rebuild_batchnorm, swap_modules
 
 
@@ -104,8 +105,6 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     and ghost BN are refused (ConfigError): a plain SyncBN would silently drop what makes them
     different.
     """
-    from normlab.norms.layers import _BatchRenorm, _GhostBatchNorm
-
     for name, m in model.named_modules():
         if isinstance(m, _BatchRenorm | _GhostBatchNorm):
             raise ConfigError(

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from normlab.data import BatchLoader
+from normlab.engine.evaluate import evaluate
 from normlab.probes.base import IMAGES_OPTION, Option, Probe, sample_loader, training_batches
 from normlab.probes.stats import (
     PopulationStatistics,
@@ -113,8 +114,6 @@ class ShiftProbe(Probe):
         )
 
     def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        from normlab.engine.evaluate import evaluate
-
         model = state.model
         if self._train is None or not batchnorm_layers(model):
             return {}

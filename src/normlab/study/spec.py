@@ -63,6 +63,7 @@ from normlab.config import (
     TrainConfig,
     apply_overrides,
     config_from_dict,
+    flatten,
 )
 from normlab.errors import ConfigError
 from normlab.study.layout import STUDY_FILE
@@ -216,18 +217,6 @@ def _check_name(value: Any, key: str, source: str | None) -> str:
     return value
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested override mappings -> flat dotted keys (``model.options`` stays a mapping)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v and not key.endswith("options"):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def _devices(value: Any, key: str, source: str | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise _fail(
@@ -267,7 +256,7 @@ def _overrides(value: Any, key: str, source: str | None) -> tuple[dict[str, Any]
         if not isinstance(body, Mapping):
             raise _fail(source, f"{key}.set must be a mapping of config overrides, got {body!r}")
         value = body
-    flat = _flatten(value)
+    flat = flatten(value)
     devices = None
     if DEVICES_KEY in flat:
         devices = _devices(flat.pop(DEVICES_KEY), f"{key}.{DEVICES_KEY}", source)
