@@ -27,11 +27,10 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 import normlab
-from normlab.config import TrainConfig, config_from_dict, config_to_dict
+from normlab.config import TrainConfig, config_to_dict, load_config
 from normlab.data import BatchLoader, DataBundle, build_data
 from normlab.errors import ConfigError, TrainingError
 from normlab.models import build_model
@@ -50,6 +49,7 @@ from normlab.train.distributed import (
 )
 from normlab.train.optim import L2Penalty, build_optimizer, build_scheduler
 from normlab.train.runtime import ResolvedRuntime, resolve_runtime
+from normlab.yamlio import dumps
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
@@ -293,9 +293,7 @@ def fit(
             raise ConfigError(
                 f"{run.path} already holds a run; pass --resume to continue it, or choose another --out"
             )
-        saved = config_from_dict(
-            yaml.safe_load(run.config_path.read_text()), source=str(run.config_path)
-        )
+        saved = load_config(run.config_path)
         if config is not None:
             diffs = _config_differences(saved, config)
             if diffs:
@@ -436,7 +434,7 @@ def fit(
             run.metrics_path.unlink()  # a run that died before its first checkpoint restarts
         doc = config_to_dict(config)
         doc["meta"] = {**run_meta(), "world_size": dctx.world_size}
-        atomic_write_text(run.config_path, yaml.safe_dump(doc, sort_keys=False))
+        atomic_write_text(run.config_path, dumps(doc))
 
     if ckpt is None and config.model.init == "lsuv":
         steps = _lsuv(model, config, train_images, train_labels, common)
