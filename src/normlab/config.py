@@ -15,6 +15,10 @@ Conventions stated once, here:
   is ``2 * c * w``), and over biases / norm parameters only when ``l2_biases`` /
   ``l2_norm_params`` say so. Reported separately as ``train/l2``.
 * Epochs count from 1 in metrics and checkpoints; schedules are stepped per iteration.
+* Numbers are read as YAML 1.2 writes them (:mod:`normlab.yamlio`): ``lr: 1e-3``,
+  ``--set optim.weight_decay=5E-4`` and ``2.0e9`` are floats, an int is taken where a float is
+  expected, and ``config.yaml`` stores floats. A string field keeps text that looks like a
+  number (``--set data.path=1e3`` is the path ``1e3``).
 """
 
 from __future__ import annotations
@@ -27,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin
 
-import yaml
-
 from normlab.data import DataConfig
 from normlab.errors import ConfigError
 from normlab.norms import NormSpec
+from normlab.yamlio import as_text, parse_value, plain_numbers, read_yaml_mapping
 
 T = TypeVar("T")
 
@@ -73,7 +76,8 @@ class ModelConfig:
             "'auto', true or false",
             self.conv_bias,
         )
-        object.__setattr__(self, "options", dict(self.options))
+        # untyped: a value written as a number (alpha: 5e-1) is stored as a plain float
+        object.__setattr__(self, "options", plain_numbers(dict(self.options)))
 
 
 @dataclass(frozen=True)
@@ -229,7 +233,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where lossless (int -> float,
-    list -> tuple). Raise ConfigError naming ``key`` otherwise."""
+    list -> tuple, a number's spelling -> str: see :func:`normlab.yamlio.as_text`). Raise
+    ConfigError naming ``key`` otherwise."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -267,6 +272,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
+        value = as_text(value)
         if isinstance(value, str):
             return value
         if isinstance(value, bool):
@@ -369,20 +375,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from ``path``; ConfigError naming the file when missing or malformed."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{p}: expected a mapping of config sections at the top, got {type(data).__name__}"
-        )
-    return dict(data)
+    return read_yaml_mapping(
+        path, what="config file", expected="a mapping of config sections at the top"
+    )
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -391,17 +386,15 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Parse one ``key=value`` override; the value is read as YAML (``0.1``, ``true``, ``[1,2]``)."""
+    """Parse one ``key=value`` override; the value is read as YAML (``0.1``, ``1e-3``, ``true``,
+    ``[1,2]``; :mod:`normlab.yamlio`), and taken as text when it is not valid YAML."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value (e.g. optim.lr=0.05), got {item!r}")
     key, _, raw = item.partition("=")
     key = key.strip()
     if not key:
         raise ConfigError(f"--set expects key=value, got {item!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = parse_value(raw) if raw.strip() else ""
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # on/off/yes/no on the command line are words, not YAML booleans
     return key, value

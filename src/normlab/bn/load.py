@@ -47,6 +47,7 @@ from normlab.bn.graph import NormLayer
 from normlab.errors import ConfigError, DataError, NormlabError
 from normlab.models import build_model
 from normlab.store import RunDir
+from normlab.yamlio import parse_value, plain_numbers
 
 __all__ = [
     "Target",
@@ -116,17 +117,16 @@ def _import_callable(spec: str) -> Any:
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
     """``"normlab:resnet20,placement=post"`` -> ("normlab:resnet20", {"placement": "post"}).
 
-    Values are read as YAML scalars (``10`` an int, ``true`` a bool, ``post`` a string).
+    Values are read as YAML scalars (``10`` an int, ``5e-1`` a float, ``true`` a bool, ``post``
+    a string; :func:`normlab.yamlio.parse_value`).
     """
-    import yaml
-
     head, *items = spec.split(",")
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{spec}: options after the name must be key=value, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = plain_numbers(parse_value(value))
     return head.strip(), options
 
 

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from normlab.errors import ConfigError
 from normlab.store import RunDir
 from normlab.study.executors import failure_reason
 from normlab.study.layout import RUN_INFO, STATE_FILE, STUDY_FILE
 from normlab.study.plan import StudyPlan, plan_study
 from normlab.study.spec import StudySpec, spec_from_dict
+from normlab.yamlio import read_yaml_mapping
 
 
 @dataclass
@@ -67,11 +66,8 @@ def load_study(out: str | Path) -> StudyData:
     path = out / STUDY_FILE
     if not path.is_file():
         raise ConfigError(f"{out} is not a study directory (no {STUDY_FILE})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    meta = dict(doc.get("meta") or {}) if isinstance(doc, dict) else {}
+    doc = read_yaml_mapping(path, what="study file", expected="a mapping of study keys")
+    meta = dict(doc.get("meta") or {})
     spec = spec_from_dict(doc, source=str(path))
     plan = plan_study(spec, out, runtime={}, probes=list(spec.optional_probes))
     reasons: dict[str, str] = {}

@@ -8,8 +8,6 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from normlab.config import config_to_dict
 from normlab.report.analysis import Analysis, analyze
 from normlab.report.data import StudyData
@@ -22,6 +20,7 @@ from normlab.report.figures import (
 )
 from normlab.report.stats import ALPHA, CONFIDENCE, N_RESAMPLES, POWER, min_seeds_for
 from normlab.study.spec import spec_to_dict
+from normlab.yamlio import dumps
 
 PACKAGES = ("normlab", "torch", "numpy", "scipy", "matplotlib", "pyyaml", "jinja2", "ray")
 
@@ -201,8 +200,8 @@ def build_document(study: StudyData) -> ReportDocument:
         mechanisms_note=note,
         versions=package_versions(),
         git_shas=shas,
-        spec_yaml=yaml.safe_dump(spec_doc, sort_keys=False),
-        base_config_yaml=yaml.safe_dump(base_cfg, sort_keys=False),
+        spec_yaml=dumps(spec_doc),
+        base_config_yaml=dumps(base_cfg),
         arm_overrides=arm_overrides,
         methods=methods_text(study),
         warnings=warnings,

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -43,6 +42,7 @@ from normlab.config import TrainConfig, config_from_dict, config_to_dict, load_y
 from normlab.errors import DataError, NormlabError
 from normlab.models import build_model
 from normlab.store.checkpoint import Checkpoint
+from normlab.yamlio import dumps
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -140,7 +140,7 @@ class RunDir:
         """``config.yaml``: the resolved config, with ``meta`` (provenance) after it."""
         doc = config_to_dict(config)
         doc["meta"] = dict(meta)
-        atomic_write_text(self.config_path, yaml.safe_dump(doc, sort_keys=False))
+        atomic_write_text(self.config_path, dumps(doc))
 
     def read_config_doc(self) -> dict[str, Any]:
         """``config.yaml`` as written: the config's sections and ``meta``; ConfigError naming

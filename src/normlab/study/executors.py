@@ -48,6 +48,7 @@ from normlab.config import TrainConfig
 from normlab.errors import ConfigError
 from normlab.registry import Registry
 from normlab.study.layout import RUN_CONFIG, RUN_INFO, RUN_LOG
+from normlab.yamlio import dumps
 
 _LOCK = ".lock"
 
@@ -230,8 +231,6 @@ def devices_command(task: RunTask, config_path: Path, *, resume: bool) -> list[s
 def _fit_devices(task: RunTask, config: TrainConfig, events: Any) -> tuple[str, str | None]:
     """Train ``task`` with ``normlab train --devices N`` in a subprocess (its own session, so
     that stopping it stops torchrun and every rank); returns (status, reason)."""
-    import yaml
-
     from normlab.config import config_to_dict
     from normlab.store import RunDir, atomic_write_text
 
@@ -242,7 +241,7 @@ def _fit_devices(task: RunTask, config: TrainConfig, events: Any) -> tuple[str, 
             config, runtime=dataclasses.replace(config.runtime, threads=per_rank)
         )
     config_path = run_dir / RUN_CONFIG
-    atomic_write_text(config_path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    atomic_write_text(config_path, dumps(config_to_dict(config)))
     resume = RunDir(run_dir).exists()
     start_epoch = (
         len(RunDir(run_dir).read_metrics()) if RunDir(run_dir).metrics_path.is_file() else 0

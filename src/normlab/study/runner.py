@@ -34,8 +34,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from normlab.config import config_to_dict
 from normlab.errors import ConfigError
 from normlab.store import RunDir, atomic_write_text, run_meta
@@ -50,6 +48,7 @@ from normlab.study.executors import (
 from normlab.study.layout import LOCK_FILE, STATE_FILE, STUDY_FILE
 from normlab.study.plan import RunSpec, StudyPlan, plan_study
 from normlab.study.spec import StudySpec, load_spec_file, spec_to_dict
+from normlab.yamlio import dumps, read_yaml_mapping
 
 FINAL = ("completed", "diverged")  # statuses that are not run again
 
@@ -401,7 +400,7 @@ def study_meta(command: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
 def write_study_file(plan: StudyPlan, meta: Mapping[str, Any]) -> None:
     doc = spec_to_dict(plan.spec)
     doc["meta"] = dict(meta)
-    atomic_write_text(plan.out / STUDY_FILE, yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(plan.out / STUDY_FILE, dumps(doc))
 
 
 def run_study(
@@ -444,10 +443,10 @@ def run_study(
         )
         old = out / STUDY_FILE
         if old.is_file():
-            previous = yaml.safe_load(old.read_text(encoding="utf-8")) or {}
-            created = (previous.get("meta") or {}).get("created")
+            saved_doc = read_yaml_mapping(old, what="study file")
+            created = (saved_doc.get("meta") or {}).get("created")
             if created:
-                meta["first_created"] = (previous.get("meta") or {}).get("first_created", created)
+                meta["first_created"] = (saved_doc.get("meta") or {}).get("first_created", created)
         write_study_file(plan, meta)
         runs = {r.key: run_state(r, out) for r in plan.runs}
         todo = [r for r in plan.runs if runs[r.key].status not in FINAL]

@@ -57,8 +57,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from normlab.config import (
     TrainConfig,
     apply_overrides,
@@ -67,6 +65,7 @@ from normlab.config import (
 )
 from normlab.errors import ConfigError
 from normlab.study.layout import STUDY_FILE
+from normlab.yamlio import as_text, loads, read_yaml, read_yaml_mapping
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _TOP_KEYS = (
@@ -354,11 +353,9 @@ def resolve_extends(
             if where in chain:
                 raise _fail(source, f"{EXTENDS_KEY} cycle: {' -> '.join([*chain, where])}")
             try:
-                parent = yaml.safe_load(candidate.read_text(encoding="utf-8"))
-            except yaml.YAMLError as exc:
-                raise _fail(
-                    chain[-1], f"{EXTENDS_KEY}: {candidate} is not valid YAML: {exc}"
-                ) from None
+                parent = read_yaml(candidate, what="study file")
+            except ConfigError as exc:
+                raise _fail(chain[-1], f"{EXTENDS_KEY}: {exc}") from None
             here = candidate.parent
         elif "/" in ref or ref.endswith((".yaml", ".yml")):
             raise _fail(chain[-1], f"{EXTENDS_KEY}: no study file {candidate}")
@@ -366,7 +363,7 @@ def resolve_extends(
             where = f"built-in study '{ref}'"
             if where in chain:
                 raise _fail(source, f"{EXTENDS_KEY} cycle: {' -> '.join([*chain, where])}")
-            parent = yaml.safe_load(builtin_text(ref))
+            parent = loads(builtin_text(ref))
         if not isinstance(parent, Mapping):
             raise _fail(chain[-1], f"{EXTENDS_KEY}: {where} is not a mapping of study keys")
         chain.append(where)
@@ -389,7 +386,9 @@ def spec_from_dict(
         raise _fail(source, f"a study must be a mapping of study keys, got {type(data).__name__}")
     if EXTENDS_KEY in data:
         data = resolve_extends(data, source=source, root=root)
-    data = {k: v for k, v in data.items() if k != "meta"}  # provenance in a saved study.yaml
+    # (meta: provenance in a saved study.yaml.) The study's own text keys keep text that looks
+    # like a number (a study named 1e3): normlab.yamlio.as_text
+    data = {k: as_text(v) for k, v in data.items() if k != "meta"}
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
         raise _fail(
@@ -442,6 +441,8 @@ def spec_from_dict(
         data.get("comparisons"), [v.name for v in variants], str(baseline), source
     )
     probes = data.get("optional_probes") or ()
+    if isinstance(probes, list | tuple):
+        probes = [as_text(p) for p in probes]
     if not isinstance(probes, list | tuple) or not all(isinstance(p, str) for p in probes):
         raise _fail(source, f"optional_probes must be a list of probe names, got {probes!r}")
     ref = data.get("lr_reference_batch_size")
@@ -480,6 +481,8 @@ def _comparisons(
     out: list[tuple[str, str]] = []
     for i, pair in enumerate(value):
         where = f"comparisons[{i}]"
+        if isinstance(pair, list | tuple):
+            pair = [as_text(x) for x in pair]  # variant names are text, as the keys they name
         if (
             not isinstance(pair, list | tuple)
             or len(pair) != 2
@@ -668,14 +671,7 @@ def builtin_text(name: str) -> str:
 def load_spec_file(path: str | Path) -> StudySpec:
     """Load and validate a study YAML file (a study directory's ``study.yaml`` works too)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{p}: expected a mapping of study keys, got {type(data).__name__}")
+    data = read_yaml_mapping(p, what="study file", expected="a mapping of study keys")
     return spec_from_dict(data, source=str(p), root=p.parent)
 
 
@@ -689,6 +685,5 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     if p.is_file() or p.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
         return load_spec_file(p)
     name = str(name_or_path)
-    text = builtin_text(name)
-    data = yaml.safe_load(text)
+    data = loads(builtin_text(name))
     return spec_from_dict(data, source=f"built-in study '{name}'")
