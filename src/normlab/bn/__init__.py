@@ -1,6 +1,6 @@
 """The BN toolbox for any PyTorch model: doctor, fold, recalibrate, convert, export.
 
-Python API (each also a ``normlab`` subcommand, see :mod:`normlab.bn.cli`):
+Python API (each also a ``normlab`` subcommand, see :mod:`normlab.cli.bn`):
 
 * :func:`diagnose` (``normlab doctor``): find normalization defects; returns a :class:`Report`
   of :class:`Finding` s with stable ids (see :mod:`normlab.bn.diagnose` for the table).

@@ -10,7 +10,6 @@ Precedence of training settings: built-in defaults < ``--config FILE.yaml`` < na
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -221,20 +220,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 Handler = Callable[[argparse.Namespace], int]
 
-# Subcommands that live with their feature: each module defines
-# ``register(sub) -> dict[str, Handler]`` adding its parsers to ``sub``.
-_PLUGIN_MODULES = ("normlab.study.cli", "normlab.bn.cli")
-
 
 def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Handler]:
+    """The study and BN-toolbox subcommands: each module defines ``register(sub) -> dict[str,
+    Handler]`` adding its parsers to ``sub`` (they import their features only when run)."""
+    from normlab.cli import bn, study
+
     handlers: dict[str, Handler] = {}
-    for name in _PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that feature is not part of this build
-            raise
+    for module in (study, bn):
         handlers.update(module.register(sub))
     return handlers
 

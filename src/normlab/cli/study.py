@@ -1,4 +1,4 @@
-"""``normlab study``, ``normlab studies`` and ``normlab report`` (plugged into normlab.cli).
+"""``normlab study``, ``normlab studies`` and ``normlab report`` (registered by normlab.cli).
 
 ``normlab study NAME|FILE|DIR [--out DIR] [--seeds N] [--epochs E] [--data D] [--set k=v ...]
 [--jobs J] [--executor local|ray] [--ray-address ADDR]`` runs a study and writes its report;
