@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import normlab
 from normlab.config import TrainConfig, config_to_dict, load_config
-from normlab.data import BatchLoader, DataBundle, build_data
+from normlab.data import BatchLoader, DataBundle, build_data, describe_flip
 from normlab.errors import ConfigError, TrainingError
 from normlab.models import build_model
 from normlab.norms import uses_batch_stats
@@ -396,7 +396,7 @@ def fit(
         drop_last=config.drop_last,
         augment=dcfg.augment,
         crop_padding=dcfg.crop_padding,
-        flip=dcfg.flip,
+        flip=bool(dcfg.flip),  # a bool once built (DataConfig.flip)
         generator=generator,
         **common,
     )
@@ -510,6 +510,7 @@ def fit(
     log(
         f"normlab: {config.model.name} norm={config.norm.name} placement={config.model.placement} "
         f"data={config.data.name} ({n_train} train / {bundle.val_labels.numel()} val) "
+        f"{describe_flip(config.data)} "
         f"device={runtime.device} precision={runtime.precision} layout={runtime.memory_format} -> {run.path}"
     )
     write_summary(STATUS_RUNNING)
