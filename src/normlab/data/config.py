@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from normlab.data.sources import SOURCES
 from normlab.errors import ConfigError
 
 
@@ -33,6 +34,9 @@ class DataConfig:
     ``val_split > 0`` that fraction of the *training* split is held out (stratified) and the
     source's test split is not used. Splits and limits are deterministic given the ``seed``
     passed to :func:`~normlab.data.build_data`.
+
+    Augmentation (``augment``): random crops, and horizontal flips only where the source is
+    known to be flip-invariant, unless ``flip`` says otherwise.
     """
 
     name: str = "digits"
@@ -44,11 +48,14 @@ class DataConfig:
     val_split: float = 0.0
     """Fraction of the training split held out as validation; 0: use the source's test split."""
     augment: bool = True
-    """Pad-and-random-crop plus horizontal flip on training batches."""
+    """Pad-and-random-crop plus horizontal flip (when ``flip``) on training batches."""
     crop_padding: int = 4
     """Zero padding (pixels per side) before the random crop; 0 disables cropping."""
-    flip: bool = True
-    """Random horizontal flip (p = 0.5) when ``augment`` is on."""
+    flip: bool | None = None
+    """Random horizontal flip (p = 0.5) when ``augment`` is on. None: the source's default
+    (``Source.flip``: on for cifar10, off for digits, synthetic and imagefolder), decided on
+    construction, so a built DataConfig, and a run's ``config.yaml``, always holds true or
+    false. (Until normlab chose flips by source, the default was True for every source.)"""
     image_size: int | None = None
     """Resize every image to image_size x image_size (bilinear) when decoding; None: native."""
     limit_train: int | None = None
@@ -64,8 +71,6 @@ class DataConfig:
     """Where decoded arrays are cached; None: $NORMLAB_CACHE, else ~/.cache/normlab."""
 
     def __post_init__(self) -> None:
-        from normlab.data.sources import SOURCES  # late import: sources import this module
-
         if not isinstance(self.name, str) or not self.name:
             _fail("name", "a data source name", self.name)
         source = SOURCES.get(self.name)  # ConfigError listing the known names
@@ -82,6 +87,8 @@ class DataConfig:
                 f"data.path is required for the '{self.name}' source "
                 f"(e.g. --data {self.name}:/path/to/images)"
             )
+        if self.flip is None:
+            object.__setattr__(self, "flip", source.flip)
         v = self.val_split
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
             _fail("val_split", "in [0, 1)", v)

@@ -1,17 +1,21 @@
 """Data sources: each turns a :class:`DataConfig` into uint8 arrays (:class:`RawData`).
 
 Register a new source with ``SOURCES.register("name", Source(load=fn, uses_path=True))``;
-``fn(cfg)`` returns :class:`RawData` (use :func:`cached` to decode once). Built in:
+``fn(cfg)`` returns :class:`RawData` (use :func:`cached` to decode once). A source also says
+whether training images are flipped by default (``Source.flip``, with the reason a run's first
+line shows): only sources known to be natural photographs are, because a horizontal flip is an
+augmentation only where a mirrored image is still an image of its class. Built in:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, grey levels 0..16) scaled to
   0..255 and upsampled to 32x32 (or ``image_size``) with a bilinear filter in float; 1 channel.
-  No test split. Works offline on a fresh machine.
+  No test split. Works offline on a fresh machine. Flip off: a mirrored digit is another shape.
 - ``synthetic``: deterministic noise around a smooth per-class pattern (learnable); no test
-  split. Generated, never cached.
+  split. Generated, never cached. Flip off: the patterns are not mirror-symmetric.
 - ``cifar10``: the official python tarball (or its extracted folder) or an image-folder tree or
   tarball (e.g. the JPEG copy); with no path, the official tarball is downloaded once into
-  ``<cache>/downloads`` (md5-checked).
-- ``imagefolder``: any class-per-folder tree (see :mod:`normlab.data.tree`).
+  ``<cache>/downloads`` (md5-checked). Flip on: natural photographs.
+- ``imagefolder``: any class-per-folder tree (see :mod:`normlab.data.tree`). Flip off: normlab
+  cannot know what the images show (``data.flip: true`` for photographs).
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
 from normlab.data.cache import cache_key, load_or_build, resolve_cache_dir
-from normlab.data.config import DataConfig
 from normlab.data.tree import FileTree, SourceInput, decode_tree
 from normlab.errors import ConfigError, DataError
 from normlab.registry import Registry
+
+if TYPE_CHECKING:  # sources read a DataConfig's fields; DataConfig checks names against SOURCES
+    from normlab.data.config import DataConfig
 
 log = logging.getLogger("normlab.data")
 
@@ -65,9 +71,27 @@ class Source:
     uses_path: bool = False  # data.path is meaningful for this source
     requires_path: bool = False  # data.path must be given
     description: str = ""
+    flip: bool = False
+    """``data.flip``'s default: True only for data known to keep its class under a horizontal
+    mirror (natural photographs); a source that cannot know that leaves flips off."""
+    flip_reason: str = "not known to be flip-invariant"
+    """Why ``flip`` is what it is, in a few words (a run's first line shows it)."""
 
 
 SOURCES: Registry[Source] = Registry("data source")
+
+
+def describe_flip(cfg: DataConfig) -> str:
+    """Whether ``cfg``'s training batches are flipped, and why, as a run's first line shows it:
+    ``flip=off (digits: handwritten digits: ...)``, ``flip=on (data.flip; the digits default is
+    off)``, ``flip=off (data.augment is off)``."""
+    source = SOURCES.get(cfg.name)
+    if not cfg.augment:
+        return "flip=off (data.augment is off)"
+    state = "on" if cfg.flip else "off"
+    if cfg.flip == source.flip:
+        return f"flip={state} ({cfg.name}: {source.flip_reason})"
+    return f"flip={state} (data.flip; the {cfg.name} default is {'on' if source.flip else 'off'})"
 
 
 def cached(
@@ -157,7 +181,11 @@ def _load_digits(cfg: DataConfig) -> RawData:
 
 SOURCES.register(
     "digits",
-    Source(_load_digits, description="scikit-learn 8x8 digits upsampled to 32x32, 1 channel"),
+    Source(
+        _load_digits,
+        description="scikit-learn 8x8 digits upsampled to 32x32, 1 channel",
+        flip_reason="handwritten digits: a mirrored digit is another shape",
+    ),
 )
 
 
@@ -169,7 +197,11 @@ _SYNTHETIC_VERSION = 1
 
 def _load_synthetic(cfg: DataConfig) -> RawData:
     """Each class has a smooth random pattern (4x4 control points, bilinear); images are that
-    pattern plus Gaussian pixel noise (sd ~30 grey levels), so a small CNN can learn them."""
+    pattern plus Gaussian pixel noise (sd ~30 grey levels), so a small CNN can learn them.
+
+    Not flip-invariant, so flips are off by default: the control points are drawn independently,
+    so a class pattern is not mirror-symmetric, and a mirrored image is that pattern's mirror
+    image plus noise, which no class generates (no validation image is ever mirrored)."""
     n, k = cfg.synthetic_samples, cfg.synthetic_classes
     c, s = cfg.synthetic_channels, cfg.synthetic_image_size
     params = {"v": _SYNTHETIC_VERSION, "n": n, "k": k, "c": c, "s": cfg.image_size or s}
@@ -191,7 +223,11 @@ def _load_synthetic(cfg: DataConfig) -> RawData:
 
 SOURCES.register(
     "synthetic",
-    Source(_load_synthetic, description="deterministic learnable random images (tests)"),
+    Source(
+        _load_synthetic,
+        description="deterministic learnable random images (tests)",
+        flip_reason="random class patterns are not mirror-symmetric",
+    ),
 )
 
 
@@ -353,6 +389,8 @@ SOURCES.register(
         _load_cifar10,
         uses_path=True,
         description="CIFAR-10: official python tarball/folder or an image-folder tree/tarball",
+        flip=True,
+        flip_reason="natural photographs: a mirror image shows the same object",
     ),
 )
 
@@ -380,5 +418,6 @@ SOURCES.register(
         uses_path=True,
         requires_path=True,
         description="class-per-folder images (dir or tarball), optional train/ test/ splits",
+        flip_reason="not known to be flip-invariant; data.flip=true for photographs",
     ),
 )

@@ -15,7 +15,7 @@ from normlab.errors import ConfigError
 from normlab.store import RunDir
 from normlab.study.executors import failure_reason
 from normlab.study.layout import RUN_INFO, STATE_FILE, STUDY_FILE
-from normlab.study.plan import StudyPlan, plan_study
+from normlab.study.plan import StudyPlan, plan_study, saved_flips
 from normlab.study.spec import StudySpec, spec_from_dict
 from normlab.yamlio import read_yaml_mapping
 
@@ -69,7 +69,9 @@ def load_study(out: str | Path) -> StudyData:
     doc = read_yaml_mapping(path, what="study file", expected="a mapping of study keys")
     meta = dict(doc.get("meta") or {})
     spec = spec_from_dict(doc, source=str(path))
-    plan = plan_study(spec, out, runtime={}, probes=list(spec.optional_probes))
+    plan = plan_study(
+        spec, out, runtime={}, probes=list(spec.optional_probes), flips=saved_flips(spec)
+    )
     reasons: dict[str, str] = {}
     state_path = out / STATE_FILE
     if state_path.is_file():

@@ -17,6 +17,11 @@ then the arithmetic is what is being compared.
 Names are checked before any run starts: every arm's config goes through
 :func:`~normlab.train.names.resolve_names` (model, model options, norm, probes, data source),
 so a misspelt name fails the study at once, naming the arm.
+
+Flips too: a run that does not set ``data.flip`` gets its data source's default
+(``Source.flip``), and the plan records that decision per source in the spec's
+``flip_defaults``, so the study keeps it when it is resumed or grows seeds (see
+:func:`saved_flips` for studies saved before the record existed).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from normlab.config import RuntimeConfig, TrainConfig, apply_overrides, config_from_dict
+from normlab.data import SOURCES
 from normlab.engine.runtime import resolve_runtime
 from normlab.errors import ConfigError, NormlabError
 from normlab.models import build_model
 from normlab.probes import build_probes
 from normlab.study.layout import run_dir_for
-from normlab.study.spec import StudySpec, spec_from_dict, spec_to_dict
+from normlab.study.spec import StudySpec, arm_flip_source, spec_from_dict, spec_to_dict
 from normlab.train.names import resolve_names
 
 
@@ -66,7 +72,8 @@ class StudyPlan:
     out: Path
     runs: tuple[RunSpec, ...]
     runtime: Mapping[str, str] = field(default_factory=dict)  # the study-wide resolved fields
-    probes_dropped: tuple[str, ...] = ()  # optional probes this installation does not have
+    # optional probes left out: those a saved study was started without (kept out on resume)
+    probes_dropped: tuple[str, ...] = ()
 
     def run(self, key: str) -> RunSpec:
         for r in self.runs:
@@ -155,6 +162,42 @@ def available_probes(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(names), []
 
 
+Flips = Mapping[str, bool] | bool | None
+"""Flip decisions handed to :func:`freeze`: by source name, one bool for every source, or
+None (the spec's own ``flip_defaults``, else each source's default)."""
+
+LEGACY_FLIP = True
+"""``data.flip`` of the runs of a study saved before studies recorded ``flip_defaults``: every
+source was flipped then."""
+
+
+def saved_flips(saved: StudySpec) -> Mapping[str, bool] | bool:
+    """The flip decisions of a saved study (its ``study.yaml``): its ``flip_defaults``, or
+    :data:`LEGACY_FLIP` for every source when it records none."""
+    return LEGACY_FLIP if saved.flip_defaults is None else dict(saved.flip_defaults)
+
+
+def decide_flips(spec: StudySpec, flips: Flips = None) -> dict[str, bool]:
+    """``data.flip`` per data source, for the arms of ``spec`` that leave it to their source:
+    from ``flips`` (see :data:`Flips`), else the spec's ``flip_defaults``, else the source's
+    default."""
+    out: dict[str, bool] = {}
+    for group in spec.group_names:
+        for variant in spec.variant_names:
+            source = arm_flip_source(apply_overrides(spec.base, spec.arm_overrides(group, variant)))
+            if source is None or source in out:
+                continue
+            if isinstance(flips, bool):
+                out[source] = flips
+            elif flips is not None and source in flips:
+                out[source] = bool(flips[source])
+            elif spec.flip_defaults is not None and source in spec.flip_defaults:
+                out[source] = bool(spec.flip_defaults[source])
+            else:
+                out[source] = SOURCES.get(source).flip
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # plan
 
@@ -164,14 +207,18 @@ def freeze(
     *,
     runtime: Mapping[str, str] | None = None,
     probes: Sequence[str] | None = None,
+    flips: Flips = None,
 ) -> tuple[StudySpec, dict[str, str], list[str]]:
-    """Decide what a study leaves to the machine, once, and write it into the spec.
+    """Decide what a study leaves to the machine or to its data, once, and write it into the
+    spec.
 
     Returns ``(frozen, runtime, dropped)``: ``frozen`` has the resolved runtime fields in its
-    base (``runtime``, default :func:`resolve_study_runtime`) and the optional probes this
+    base (``runtime``, default :func:`resolve_study_runtime`), the optional probes this
     installation has (``probes``, default :func:`available_probes`) in ``base.probes``, and
-    no optional probes left; ``dropped`` lists the optional probes left out. Freezing a frozen
-    spec changes nothing, and a saved frozen spec plans to the same configs on any machine.
+    no optional probes left, and the flips its runs leave to their data source in
+    ``flip_defaults`` (:func:`decide_flips` with ``flips``); ``dropped`` lists the optional
+    probes left out. Freezing a frozen spec changes nothing, and a saved frozen spec plans to
+    the same configs on any machine.
     """
     if runtime is None:
         runtime = resolve_study_runtime(spec)
@@ -180,9 +227,11 @@ def freeze(
     else:
         probes = [p for p in spec.optional_probes if p in probes]
         dropped = [p for p in spec.optional_probes if p not in probes]
-    if not runtime and not spec.optional_probes:
+    flip_defaults = decide_flips(spec, flips)
+    if not runtime and not spec.optional_probes and flip_defaults == spec.flip_defaults:
         return spec, {}, []
     data = spec_to_dict(spec)
+    data["flip_defaults"] = flip_defaults
     changes: dict[str, Any] = {f"runtime.{k}": v for k, v in runtime.items()}
     if probes:
         have = list(config_from_dict(spec.base).probes)
@@ -198,15 +247,16 @@ def plan_study(
     *,
     runtime: Mapping[str, str] | None = None,
     probes: Sequence[str] | None = None,
+    flips: Flips = None,
 ) -> StudyPlan:
     """Expand ``spec`` into one :class:`RunSpec` per group x variant x seed under ``out``.
 
-    The spec is first frozen (:func:`freeze`, with ``runtime`` and ``probes`` passed on);
+    The spec is first frozen (:func:`freeze`, with ``runtime``, ``probes`` and ``flips``);
     the plan holds the frozen spec. Raises ConfigError naming the arm when a network of the
     study cannot be built.
     """
     out = Path(out)
-    frozen, resolved, dropped = freeze(spec, runtime=runtime, probes=probes)
+    frozen, resolved, dropped = freeze(spec, runtime=runtime, probes=probes, flips=flips)
     for group in frozen.group_names:
         for variant in frozen.variant_names:
             where = f"study '{frozen.name}', variant '{variant}'" + (

@@ -46,7 +46,7 @@ from normlab.study.executors import (
     make_executor,
 )
 from normlab.study.layout import LOCK_FILE, STATE_FILE, STUDY_FILE
-from normlab.study.plan import RunSpec, StudyPlan, plan_study
+from normlab.study.plan import RunSpec, StudyPlan, plan_study, saved_flips
 from normlab.study.spec import StudySpec, load_spec_file, spec_to_dict
 from normlab.yamlio import dumps, read_yaml_mapping
 
@@ -97,8 +97,10 @@ def config_differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> 
     return store_config_differences(saved, planned, giver="study gives")
 
 
-def _saved_decisions(saved: StudySpec, spec: StudySpec) -> tuple[dict[str, str], list[str]]:
-    """The runtime fields and optional probes the saved study settled, for ``spec``."""
+def _saved_decisions(
+    saved: StudySpec, spec: StudySpec
+) -> tuple[dict[str, str], list[str], Mapping[str, bool] | bool]:
+    """The runtime fields, optional probes and flips the saved study settled, for ``spec``."""
     base_rt = (spec.base.get("runtime") or {}) if isinstance(spec.base, Mapping) else {}
     saved_rt = saved.base.get("runtime") or {}
     runtime = {
@@ -107,14 +109,15 @@ def _saved_decisions(saved: StudySpec, spec: StudySpec) -> tuple[dict[str, str],
         if base_rt.get(k, "auto") == "auto" and k in saved_rt
     }
     probes = [p for p in spec.optional_probes if p in (saved.base.get("probes") or [])]
-    return runtime, probes
+    return runtime, probes, saved_flips(saved)
 
 
 def prepare(spec: StudySpec, out: str | Path) -> StudyPlan:
     """Plan ``spec`` into ``out``, consistently with what ``out`` already holds.
 
     A new directory gets a fresh plan (runtime resolved here). An existing study directory
-    keeps its resolved runtime and probe decisions and its seeds (new seeds are appended); each
+    keeps its resolved runtime, probe and flip decisions and its seeds (new seeds are appended;
+    a study saved before flip decisions were recorded keeps flipping every source); each
     existing run directory must match its planned config, else ConfigError listing the
     differences.
     """
@@ -124,8 +127,8 @@ def prepare(spec: StudySpec, out: str | Path) -> StudyPlan:
         plan = plan_study(spec, out)
     else:
         saved = load_spec_file(saved_path)
-        runtime, probes = _saved_decisions(saved, spec)
-        plan = plan_study(spec, out, runtime=runtime, probes=probes)
+        runtime, probes, flips = _saved_decisions(saved, spec)
+        plan = plan_study(spec, out, runtime=runtime, probes=probes, flips=flips)
         if plan.spec.name != saved.name:
             raise ConfigError(
                 f"{out} holds study '{saved.name}', not '{plan.spec.name}': choose another --out"
@@ -133,7 +136,9 @@ def prepare(spec: StudySpec, out: str | Path) -> StudyPlan:
         extra = [s for s in plan.spec.seeds if s not in saved.seeds]
         seeds = (*saved.seeds, *extra)
         if seeds != plan.spec.seeds:
-            plan = plan_study(replace(spec, seeds=seeds), out, runtime=runtime, probes=probes)
+            plan = plan_study(
+                replace(spec, seeds=seeds), out, runtime=runtime, probes=probes, flips=flips
+            )
     mismatched = []
     for run in plan.runs:
         rd = RunDir(run.run_dir)
@@ -455,8 +460,8 @@ def run_study(
         progress = Progress(plan.spec.name, runs, out, stream, live)
         if plan.probes_dropped:
             progress.message(
-                f"note: probes {', '.join(plan.probes_dropped)} are not available in this "
-                "installation; the study runs without them"
+                f"note: optional probes {', '.join(plan.probes_dropped)} are not in this study "
+                "(it was started without them); it keeps running without them"
             )
         skipped = len(plan.runs) - len(todo)
         progress.message(

@@ -24,6 +24,7 @@ A study is a YAML file (``normlab studies --show placement`` prints a built-in o
                                     #   key of base, of a group or of a variant
     notes: free text shown in the report
     extends: other.yaml             # optional: start from another spec (see below)
+    flip_defaults: {digits: false}  # written by the study runner (see below)
 
 ``extends: PATH`` (relative to this file; or a built-in study's name) starts from that study's
 document and merges this one into it: mappings merge key by key at every depth (this file's
@@ -37,6 +38,12 @@ subprocess per run); ``batch_size`` stays the *global* batch, so each process se
 ``batch_size / N`` samples and ``batch_size`` must be divisible by N. A variant's ``devices``
 wins over its group's, the group's over the study's (top-level or ``base.devices``; the two
 must agree when both are given). ``sync_bn: true`` needs ``devices >= 2``.
+
+``flip_defaults`` maps a data source name to the ``data.flip`` of every run that uses that
+source and does not set ``data.flip`` itself. The study runner records it in ``study.yaml``
+when it plans, with each source's default of the time (``Source.flip``), so resuming or adding
+seeds later flips as the first runs did; a saved ``study.yaml`` without it was made when every
+source was flipped, and resumes so (:func:`normlab.study.plan.saved_flips`).
 
 A run's configuration is ``base`` < the group's overrides < the variant's overrides, then the
 linear learning-rate scaling. Command-line overrides (``--set``, ``--epochs``, ``--data``)
@@ -63,6 +70,7 @@ from normlab.config import (
     config_from_dict,
     flatten,
 )
+from normlab.data import DataConfig
 from normlab.errors import ConfigError
 from normlab.study.layout import STUDY_FILE
 from normlab.yamlio import as_text, loads, read_yaml, read_yaml_mapping
@@ -81,6 +89,7 @@ _TOP_KEYS = (
     "lr_reference_batch_size",
     "devices",
     "notes",
+    "flip_defaults",
 )
 DEVICES_KEY = "devices"
 """The study key (top level, base, group, variant) giving the processes per run."""
@@ -142,6 +151,9 @@ class StudySpec:
     devices: int = 1  # processes per run unless a group or variant says otherwise
     # extra (variant, reference) pairs the report compares, besides every variant vs baseline
     comparisons: tuple[tuple[str, str], ...] = ()
+    # data source -> data.flip of the runs that leave it to their source (module docstring);
+    # None: not recorded (each source's default applies)
+    flip_defaults: Mapping[str, bool] | None = None
 
     @property
     def variant_names(self) -> list[str]:
@@ -183,8 +195,12 @@ class StudySpec:
         return self.devices
 
     def arm_dict(self, group: str | None, variant: str) -> dict[str, Any]:
-        """The config mapping of one arm: base < group < variant, with lr scaling applied."""
+        """The config mapping of one arm: base < group < variant, then ``flip_defaults`` and
+        the lr scaling."""
         data = apply_overrides(self.base, self.arm_overrides(group, variant))
+        source = arm_flip_source(data)
+        if source is not None and source in (self.flip_defaults or {}):
+            data = apply_overrides(data, {"data.flip": (self.flip_defaults or {})[source]})
         if self.lr_reference_batch_size:
             config = config_from_dict(data)
             data = apply_overrides(
@@ -196,6 +212,16 @@ class StudySpec:
     def arm_config(self, group: str | None, variant: str, seed: int = 0) -> TrainConfig:
         """The validated TrainConfig of one arm for ``seed``."""
         return config_from_dict(apply_overrides(self.arm_dict(group, variant), {"seed": seed}))
+
+
+def arm_flip_source(config: Mapping[str, Any]) -> str | None:
+    """The data source of a config mapping when the mapping leaves ``data.flip`` to it
+    (absent or null), else None."""
+    data = config.get("data") or {}
+    if not isinstance(data, Mapping) or data.get("flip") is not None:
+        return None
+    name = data.get("name", DataConfig.name)
+    return name if isinstance(name, str) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,6 +474,15 @@ def spec_from_dict(
     ref = data.get("lr_reference_batch_size")
     if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 1):
         raise _fail(source, f"lr_reference_batch_size must be an integer >= 1 or null, got {ref!r}")
+    flips = data.get("flip_defaults")
+    if flips is not None and not (
+        isinstance(flips, Mapping)
+        and all(isinstance(k, str) and isinstance(v, bool) for k, v in flips.items())
+    ):
+        raise _fail(
+            source,
+            f"flip_defaults must map data source names to true or false, got {flips!r}",
+        )
     spec = StudySpec(
         name=name,
         description=(data.get("description") or "").strip(),
@@ -462,6 +497,7 @@ def spec_from_dict(
         source=source,
         devices=devices,
         comparisons=comparisons,
+        flip_defaults=None if flips is None else dict(flips),
     )
     validate(spec)
     return spec
@@ -566,6 +602,8 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         out[DEVICES_KEY] = spec.devices
     if spec.notes:
         out["notes"] = spec.notes
+    if spec.flip_defaults is not None:
+        out["flip_defaults"] = dict(spec.flip_defaults)
     return out
 
 

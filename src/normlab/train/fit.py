@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from normlab.config import TrainConfig
-from normlab.data import DataBundle
+from normlab.data import DataBundle, describe_flip
 from normlab.engine.callbacks import Callback
 from normlab.engine.distributed import (
     context_from_env,
@@ -235,6 +235,7 @@ def _first_line(s: Session) -> str:
     return (
         f"normlab: {c.model.name} norm={c.norm.name} placement={c.model.placement} "
         f"data={c.data.name} ({s.data.train_labels.numel()} train / {s.data.val_labels.numel()} val) "
+        f"{describe_flip(c.data)} "
         f"device={r.device} precision={r.precision} layout={r.memory_format} -> {s.run.path}"
     )
 

@@ -235,7 +235,7 @@ def _loaders(
         drop_last=config.drop_last,
         augment=dcfg.augment,
         crop_padding=dcfg.crop_padding,
-        flip=dcfg.flip,
+        flip=bool(dcfg.flip),  # a bool once built (DataConfig.flip)
         generator=generator,
         **common,
     )
