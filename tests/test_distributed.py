@@ -112,11 +112,12 @@ def test_dist_bn_reconciles_running_statistics(tmp_path, mode):
         torch.testing.assert_close(r0["after"][k], expected)
 
 
+# Flips on (synthetic's default is off): the processes must also agree on every flip draw.
 FAST = [
     "--data", "synthetic", "--set", "data.synthetic_samples=128",
     "--set", "data.synthetic_image_size=16", "--set", "data.synthetic_classes=4",
-    "--set", "data.val_split=0.25", "--batch-size", "16", "--set", "runtime.progress=off",
-    "--set", "runtime.precision=fp32", "--quiet",
+    "--set", "data.val_split=0.25", "--set", "data.flip=true", "--batch-size", "16",
+    "--set", "runtime.progress=off", "--set", "runtime.precision=fp32", "--quiet",
 ]  # fmt: skip
 
 
