@@ -44,3 +44,28 @@ def test_checkpoint_and_summary_round_trip(tmp_path):
     assert torch.equal(loaded["model"]["w"], torch.arange(4.0))
     run.write_summary({"status": "running", "best/val/acc": math.inf})
     assert run.read_summary() == {"status": "running", "best/val/acc": None}
+
+
+def test_one_compat_check_for_resume_and_studies_takes_an_unquoted_old_string(tmp_path):
+    from _helpers import tiny_config
+
+    from normlab.config import config_to_dict
+    from normlab.store import config_differences
+    from normlab.yamlio import loads
+
+    planned = config_to_dict(tiny_config(**{"data.name": "imagefolder", "data.path": "1e3"}))
+    # an older normlab wrote the path unquoted; it reads back as the number-like text it was
+    old = loads("data:\n  path: 1e3\n")
+    saved = {**planned, "data": {**planned["data"], "path": old["data"]["path"]}}
+    assert config_differences(saved, planned) == []
+    other = {**planned, "data": {**planned["data"], "path": "1e4"}}
+    assert config_differences(saved, other) == ["data.path: run has '1e3', given '1e4'"]
+    # runtime values given as auto agree with what the run resolved; other keys must match
+    resolved = {**planned, "runtime": {**planned["runtime"], "device": "cpu"}}
+    assert (
+        config_differences(
+            resolved, {**planned, "runtime": {**planned["runtime"], "device": "auto"}}
+        )
+        == []
+    )
+    assert config_differences(resolved, {**resolved, "epochs": 3}) == ["epochs: run has 2, given 3"]

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from normlab.config import TrainConfig, config_to_dict, flatten
+from normlab.yamlio import as_text
 
 # Settings that do not change what is computed: a run may resume under other values.
 IGNORED = ("meta", "runtime.threads", "runtime.progress")
@@ -21,7 +22,11 @@ def _defaults() -> dict[str, Any]:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return list(a) == list(b)
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, str) or isinstance(b, str):
+        # a string field an old config.yaml wrote unquoted (path: 1e3) reads back as a
+        # number spelled like that string (yamlio.Spelled): compare the text as written
+        return bool(as_text(a) == as_text(b))
     return bool(a == b)
 
 
@@ -51,5 +56,5 @@ def config_differences(
         if key not in a and key in defaults and _same(vb, defaults[key]):
             continue
         if not _same(va, vb):
-            diffs.append(f"{key}: run has {va!r}, {giver} {vb!r}")
+            diffs.append(f"{key}: run has {as_text(va)!r}, {giver} {as_text(vb)!r}")
     return diffs
