@@ -36,7 +36,28 @@ from normlab.norms import NormSpec
 __all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "ResNet", "ShortcutA"]
 
 
-class BasicBlock(nn.Module):
+class _Residual(nn.Module):
+    """What both residual blocks end with: the branch's last norm (no activation before the
+    addition), SkipInit's scalar when on, the shortcut, the sum, then ReLU."""
+
+    relu: nn.Module
+    skip: nn.Module | None
+    downsample: nn.Module | None
+
+    def last_norm(self) -> nn.Module | None:
+        raise NotImplementedError
+
+    def join(self, branch: Tensor, x: Tensor) -> Tensor:
+        norm = self.last_norm()
+        if norm is not None:
+            branch = norm(branch)
+        if self.skip is not None:
+            branch = self.skip(branch)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(branch + identity)
+
+
+class BasicBlock(_Residual):
     """Two 3x3 convs + identity. XBNBlock position (``first_norm`` = GroupNorm): ``bn1``.
 
     For the basic block, which seed 004 and the XBNBlock paper do not define, XBN replaces the
@@ -76,16 +97,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = norm_act(self.conv1(x), self.bn1, self.relu, self.placement)
-        out = self.conv2(out)
-        if self.bn2 is not None:
-            out = self.bn2(out)
-        if self.skip is not None:
-            out = self.skip(out)
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        return self.join(self.conv2(out), x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Residual):
     """1x1 reduce, 3x3 (stride here, v1.5), 1x1 expand x4, + identity. XBNBlock position: ``bn2``
     (the norm after the 3x3 conv, as seed 004's Keras ResNet-50 and the paper)."""
 
@@ -124,13 +139,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = norm_act(self.conv1(x), self.bn1, self.relu, self.placement)
         out = norm_act(self.conv2(out), self.bn2, self.relu, self.placement)
-        out = self.conv3(out)
-        if self.bn3 is not None:
-            out = self.bn3(out)
-        if self.skip is not None:
-            out = self.skip(out)
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        return self.join(self.conv3(out), x)
 
 
 def _projection(ctx: BuildContext, inplanes: int, outplanes: int, stride: int) -> nn.Sequential:

@@ -141,6 +141,21 @@ def sign_flip_p(
     return float(min(1.0, res.pvalue))
 
 
+def _paired(
+    variant: Sequence[float] | Any, baseline: Sequence[float] | Any
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
+    """Both samples as float64 arrays, and the interval when no estimate is needed: NaN below
+    two pairs, the point itself when every paired difference is equal."""
+    x = np.asarray(variant, dtype=np.float64)
+    y = np.asarray(baseline, dtype=np.float64)
+    d = x - y
+    if d.size < 2:
+        return x, y, (float("nan"), float("nan"))
+    if np.all(d == d[0]):
+        return x, y, (float(d[0]), float(d[0]))
+    return x, y, None
+
+
 def paired_bootstrap_ci(
     variant: Sequence[float] | Any,
     baseline: Sequence[float] | Any,
@@ -151,13 +166,9 @@ def paired_bootstrap_ci(
 ) -> tuple[float, float]:
     """BCa bootstrap interval of the mean paired difference (scipy's ``bootstrap`` with
     ``paired=True``); the point itself when every difference is equal; NaN below 2 pairs."""
-    x = np.asarray(variant, dtype=np.float64)
-    y = np.asarray(baseline, dtype=np.float64)
-    d = x - y
-    if d.size < 2:
-        return (float("nan"), float("nan"))
-    if np.all(d == d[0]):
-        return (float(d[0]), float(d[0]))
+    x, y, settled = _paired(variant, baseline)
+    if settled is not None:
+        return settled
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate resamples at tiny n: reported as NaN
         res = stats.bootstrap(
@@ -180,13 +191,9 @@ def paired_t_ci(
     confidence: float = CONFIDENCE,
 ) -> tuple[float, float]:
     """The paired t-interval of the mean difference (``scipy.stats.ttest_rel``)."""
-    x = np.asarray(variant, dtype=np.float64)
-    y = np.asarray(baseline, dtype=np.float64)
-    d = x - y
-    if d.size < 2:
-        return (float("nan"), float("nan"))
-    if np.all(d == d[0]):
-        return (float(d[0]), float(d[0]))
+    x, y, settled = _paired(variant, baseline)
+    if settled is not None:
+        return settled
     ci = stats.ttest_rel(x, y).confidence_interval(confidence_level=confidence)
     return (float(ci.low), float(ci.high))
 
