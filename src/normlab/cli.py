@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.cli_args import DATA_SOURCES_HELP, add_data_argument, add_set_argument, parse_sets
 from normlab.errors import NormlabError
 
 # flag dest -> dotted config key
@@ -57,11 +58,7 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="weight init: default (torchvision-style) | lsuv (data-dependent unit variance, "
         "for --norm none)",
     )
-    p.add_argument(
-        "--data",
-        metavar="SOURCE[:PATH]",
-        help="digits (default, bundled) | synthetic | cifar10[:PATH] | imagefolder:PATH",
-    )
+    add_data_argument(p, f"{DATA_SOURCES_HELP}; default digits (bundled)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -82,13 +79,8 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="DIR",
         help="continue the interrupted run in --out (or in DIR)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set any config field, e.g. --set optim.schedule=step --set model.alpha=0.5",
+    add_set_argument(
+        p, "set any config field, e.g. --set optim.schedule=step --set model.alpha=0.5"
     )
     p.add_argument(
         "--probe",
@@ -107,7 +99,8 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def build_train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
     """The TrainConfig described by parsed ``normlab train`` arguments over ``base``."""
-    from normlab.config import apply_overrides, config_from_dict, load_yaml, parse_override
+    from normlab.config import apply_overrides, config_from_dict, load_yaml
+    from normlab.data import split_data_spec
 
     data: dict[str, Any] = dict(base or {})
     source = None
@@ -119,15 +112,11 @@ def build_train_config(args: argparse.Namespace, base: dict[str, Any] | None = N
         value = getattr(args, dest)
         if value is not None:
             overrides[key] = value
-    if args.data:
-        name, _, path = args.data.partition(":")
-        overrides["data.name"] = name
-        overrides["data.path"] = path or None
+    if args.data is not None:
+        overrides["data.name"], overrides["data.path"] = split_data_spec(args.data)
     if args.probe:
         overrides["probes"] = [name.strip() for name in args.probe.split(",") if name.strip()]
-    for item in args.overrides:
-        key, value = parse_override(item)
-        overrides[key] = value
+    overrides.update(parse_sets(args.overrides))
     merged = apply_overrides(data, overrides)
     return config_from_dict(merged, source=source), bool(overrides) or bool(args.config)
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab.cli_args import add_data_argument
 from normlab.errors import ConfigError, NormlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -65,7 +66,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_arg(p: argparse.ArgumentParser, help_: str) -> None:
-    p.add_argument("--data", metavar="SOURCE[:PATH]", help=help_)
+    add_data_argument(p, help_)
     p.add_argument("--batch-size", type=int, help="batch size (default: the run's, else 64)")
 
 

@@ -18,7 +18,7 @@ normalisation of a 50k-image epoch at batch 128: ~0.22 s (``benchmarks/data_augm
 """
 
 from normlab.data.bundle import DEFAULT_HOLDOUT, DataBundle, build_data, channel_stats
-from normlab.data.config import DataConfig, parse_data_spec
+from normlab.data.config import DataConfig, parse_data_spec, split_data_spec
 from normlab.data.loader import BatchLoader
 from normlab.data.sources import CIFAR10_CLASSES, SOURCES, RawData, Source
 
@@ -34,4 +34,5 @@ __all__ = [
     "build_data",
     "channel_stats",
     "parse_data_spec",
+    "split_data_spec",
 ]

@@ -118,6 +118,23 @@ class DataConfig:
         object.__setattr__(self, "val_split", float(v))  # NaN fails the range check above
 
 
+def split_data_spec(spec: str) -> tuple[str, str | None]:
+    """A ``--data`` value, ``NAME`` or ``NAME:PATH``, as ``(name, path or None)``.
+
+    Only the first ``:`` separates name from path. ConfigError naming ``--data`` when the name
+    or the path after ``:`` is empty; whether the name is a known source is checked by
+    :class:`DataConfig`.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--data must be NAME or NAME:PATH, got {spec!r}")
+    name, sep, path = spec.partition(":")
+    if not name.strip():
+        raise ConfigError(f"--data {spec!r} has no source name before ':' (use NAME or NAME:PATH)")
+    if sep and not path.strip():
+        raise ConfigError(f"--data {spec!r} has an empty path after ':' (use NAME or NAME:PATH)")
+    return name.strip(), path.strip() if sep else None
+
+
 def parse_data_spec(spec: str, **overrides: Any) -> DataConfig:
     """Parse a ``--data`` value: ``NAME`` or ``NAME:PATH``, plus field overrides.
 
@@ -125,12 +142,7 @@ def parse_data_spec(spec: str, **overrides: Any) -> DataConfig:
     ``"imagefolder:/some/dir"``. Only the first ``:`` separates name from path. Overrides whose
     value is None are ignored (the field keeps its default), so a CLI can pass every option.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--data must be NAME or NAME:PATH, got {spec!r}")
-    name, sep, path = spec.partition(":")
-    name = name.strip()
-    if sep and not path.strip():
-        raise ConfigError(f"--data {spec!r} has an empty path after ':' (use NAME or NAME:PATH)")
+    name, path = split_data_spec(spec)
     known = {f.name for f in fields(DataConfig)}
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - known)
@@ -140,9 +152,9 @@ def parse_data_spec(spec: str, **overrides: Any) -> DataConfig:
         )
     if "name" in given:
         raise ConfigError("give the data source name in the spec, not as an override")
-    if sep and "path" in given:
+    if path is not None and "path" in given:
         raise ConfigError(f"--data {spec!r} already names a path; do not also override data.path")
     kwargs: dict[str, Any] = {"name": name, **given}
-    if sep:
-        kwargs["path"] = path.strip()
+    if path is not None:
+        kwargs["path"] = path
     return DataConfig(**kwargs)

@@ -12,8 +12,8 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from normlab.cli_args import DATA_SOURCES_HELP, add_data_argument, add_set_argument, parse_sets
 from normlab.errors import ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -46,19 +46,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         help="number of seeds (0..N-1) or a comma-separated list of seeds",
     )
     p.add_argument("--epochs", type=int, help="epochs of every run")
-    p.add_argument(
-        "--data",
-        metavar="SOURCE[:PATH]",
-        help="data source for every run (digits | synthetic | cifar10[:PATH] | imagefolder:PATH)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a field of the base config, e.g. --set optim.lr=0.05 (repeatable)",
-    )
+    add_data_argument(p, f"data source for every run ({DATA_SOURCES_HELP})")
+    add_set_argument(p, "set a field of the base config, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--jobs", type=int, help="runs in parallel (default: one per CPU core)")
     p.add_argument(
         "--executor",
@@ -109,14 +98,10 @@ def _command() -> str:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from normlab.config import parse_override
     from normlab.study.spec import STUDY_FILE, load_spec, shadowed_keys, with_overrides
 
     spec = load_spec(args.study)
-    overrides: dict[str, Any] = {}
-    for item in args.overrides:
-        key, value = parse_override(item)
-        overrides[key] = value
+    overrides = parse_sets(args.overrides)
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     spec = with_overrides(

@@ -64,6 +64,7 @@ from normlab.config import (
     apply_overrides,
     config_from_dict,
 )
+from normlab.data import split_data_spec
 from normlab.errors import ConfigError
 
 STUDY_FILE = "study.yaml"
@@ -605,7 +606,7 @@ def with_overrides(
     """
     base: dict[str, Any] = apply_overrides(spec.base, {})  # a deep copy
     if data is not None:
-        name, _, path = data.partition(":")
+        name, path = split_data_spec(data)
         old = base.get("data") or {}
         kept = {k: v for k, v in old.items() if k in _PORTABLE_DATA_KEYS}
         base["data"] = {**kept, "name": name, "path": path or None}
