@@ -1,7 +1,20 @@
 """The ``normlab`` command line.
 
-Every subcommand is a thin shell over a Python function. Errors that derive from
-:class:`NormlabError` are printed as one clear line (no traceback) with exit status 2.
+Every subcommand is a thin shell over a Python function. A failure is one line on stderr,
+``normlab CMD: error: MESSAGE``, naming the file, field or flag at fault and what was expected;
+no command prints a traceback for anything a user can type or point it at.
+
+Exit status:
+
+====  ==========================================================================================
+0     success (``doctor``: no findings above notes)
+1     ``train``/``study``: finished, but a run diverged or failed; ``doctor``: warnings found
+2     a user error (bad flag, value, name, file or path; one ``error:`` line, argparse's usage
+      errors included); ``doctor``: errors found (a report, not an ``error:`` line)
+3     an internal error: a bug in normlab. One line names the exception; ``normlab --debug CMD
+      ...`` or ``NORMLAB_DEBUG=1`` shows its traceback (and the traceback of any other error)
+130   interrupted (Ctrl-C); ``train --resume`` / the same ``study`` command continues
+====  ==========================================================================================
 
 Precedence of training settings: built-in defaults < ``--config FILE.yaml`` < named flags
 (``--lr``) < ``--set key=value`` (any config field, dotted: ``optim.warmup_epochs=1``).
@@ -237,6 +250,11 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         description="Normalization studies for CNNs, and a BatchNorm toolbox.",
     )
     parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the Python traceback of an error (also: {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
     sub.add_parser("models", help="list models and their options")
@@ -245,21 +263,67 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+DEBUG_ENV = "NORMLAB_DEBUG"
+
+
+def _debugging(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: a library's multi-line text (YAML's parser errors) joined."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``normlab ARGV``; return the exit status (see the module docstring)."""
     parser, handlers = make_parser()
     args = parser.parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
+    command = args.command
     try:
-        return handlers[args.command](args)
-    except NormlabError as exc:
-        print(f"normlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return handlers[command](args)
     except KeyboardInterrupt:
-        print(f"normlab {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        print(f"normlab {command}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except NormlabError as exc:
+        if _debugging(args):
+            raise
+        print(f"normlab {command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # The environment refused a read or write that the checks before it could not foresee
+        # (the disk filled up, a file vanished, permissions changed): name the file.
+        if _debugging(args):
+            raise
+        if exc.filename is None:
+            return _internal_error(command, exc)
+        print(
+            f"normlab {command}: error: {exc.filename}: {exc.strerror or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        if _debugging(args):
+            raise
+        return _internal_error(command, exc)
+
+
+def _internal_error(command: str, exc: BaseException) -> int:
+    detail = _one_line(str(exc))[:300]
+    print(
+        f"normlab {command}: internal error: {type(exc).__name__}"
+        + (f": {detail}" if detail else "")
+        + f" (a bug in normlab; run `normlab --debug {command} ...` or set {DEBUG_ENV}=1 to "
+        "see the traceback, and please report it)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
