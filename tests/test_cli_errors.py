@@ -1,10 +1,14 @@
-"""An internal bug is one line with exit status 3, and its traceback appears with
-``--debug``/NORMLAB_DEBUG=1; a library's multi-line message is printed as one line."""
+"""Every failure of the command line is one named ``error:`` line with exit status 2; an internal
+bug is one line with exit status 3, and its traceback appears with ``--debug``/NORMLAB_DEBUG=1.
+
+The exact-message tests pin the failures that used to end in a Python traceback (issue 11).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,19 @@ from normlab.cli import main
 from normlab.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A valid, tiny training command: if the check under test did not refuse it, it would train
+# for a second, not for minutes.
+FAST = [
+    "--data", "synthetic",
+    "--set", "data.synthetic_samples=64",
+    "--set", "data.synthetic_image_size=8",
+    "--set", "data.val_split=0.25",
+    "--batch-size", "16",
+    "--epochs", "1",
+    "--set", "runtime.threads=1",
+    "--quiet",
+]  # fmt: skip
 
 
 def error_line(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
@@ -25,6 +42,91 @@ def error_line(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 
     return err.rstrip("\n")
 
 
+@pytest.fixture
+def text_pt(tmp_path: Path) -> Path:
+    path = tmp_path / "x.pt"
+    path.write_text("hello\n")
+    return path
+
+
+# ---- the failures issue 11 found ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["doctor", "recalibrate"])
+def test_text_file_named_pt(
+    command: str, text_pt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert error_line(capsys, [command, str(text_pt)]) == (
+        f"normlab {command}: error: {text_pt}: not a PyTorch file: it holds text starting "
+        "'hello\\n' (expected a PyTorch file written by torch.save)"
+    )
+
+
+def test_callable_that_needs_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert error_line(capsys, ["doctor", "torch.nn:Linear"]) == (
+        "normlab doctor: error: torch.nn:Linear: calling it with no arguments failed (TypeError: "
+        "Linear.__init__() missing 2 required positional arguments: 'in_features' and "
+        "'out_features'); a module:callable must build the model from keyword arguments alone, "
+        "given after commas: torch.nn:Linear,key=value,..."
+    )
+    # with the keyword arguments it asks for, the same callable builds
+    assert main(["doctor", "torch.nn:Linear,in_features=4,out_features=2", "--static"]) == 0
+    capsys.readouterr()
+
+
+def test_builtin_function_is_not_a_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert error_line(capsys, ["doctor", "os:system"]) == (
+        "normlab doctor: error: os:system: 'system' is a built-in function, not a model class or "
+        "a function that builds one"
+    )
+
+
+# ---- more of the same kind ---------------------------------------------------------------------
+
+
+def test_files_that_are_not_what_their_name_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert error_line(capsys, ["doctor", str(empty)]) == (
+        f"normlab doctor: error: {empty}: is empty (expected a PyTorch file written by torch.save)"
+    )
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes(range(250, 256)) + b"\x00" * 10)
+    assert error_line(capsys, ["fold", str(noise), str(tmp_path / "out.pt")]) == (
+        f"normlab fold: error: {noise}: not a PyTorch file: it holds bytes fa fb fc fd fe ff 00 00 "
+        "... (expected a PyTorch file written by torch.save)"
+    )
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 16)
+    assert error_line(capsys, ["doctor", str(broken)]).startswith(
+        f"normlab doctor: error: {broken}: not a readable PyTorch file ("
+    )
+    weights_dir = tmp_path / "w.pt"
+    weights_dir.mkdir()
+    assert error_line(capsys, ["doctor", "normlab:resnet20", "--weights", str(weights_dir)]) == (
+        f"normlab doctor: error: {weights_dir}: is a directory (expected a PyTorch file written "
+        "by torch.save)"
+    )
+    binary_yaml = tmp_path / "c.yaml"
+    binary_yaml.write_bytes(b"\xb1\xff\x00 not text")
+    line = error_line(capsys, ["train", "--config", str(binary_yaml)])
+    assert line.startswith(f"normlab train: error: {binary_yaml}: not valid YAML: 'utf-8' codec")
+    assert error_line(capsys, ["study", str(binary_yaml)]).startswith(
+        f"normlab study: error: {binary_yaml}: not valid YAML: 'utf-8' codec"
+    )
+    keras = tmp_path / "m.keras"
+    with zipfile.ZipFile(keras, "w") as zf:
+        zf.writestr("config.json", "[1, 2]")
+        zf.writestr("model.weights.h5", b"")
+    pytest.importorskip("h5py")
+    assert error_line(capsys, ["doctor", str(keras)]) == (
+        f"normlab doctor: error: {keras}: its config.json is a JSON list, not a Keras model "
+        "config (a JSON object)"
+    )
+
+
 def test_multi_line_library_errors_become_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -32,6 +134,62 @@ def test_multi_line_library_errors_become_one_line(
     bad.write_text("a: [\n")
     line = error_line(capsys, ["train", "--config", str(bad)])
     assert line.startswith(f"normlab train: error: {bad}: not valid YAML: while parsing")
+
+
+def test_inputs_the_model_does_not_accept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    line = error_line(
+        capsys, ["fold", "normlab:resnet20", str(tmp_path / "f.pt"), "--input-shape", "1,8,8"]
+    )
+    assert line.startswith(
+        "normlab fold: error: the model fails on a batch of input shape 1,8,8 (RuntimeError: "
+    )
+    assert line.endswith("; pass --input-shape C,H,W with a shape the model accepts")
+    line = error_line(
+        capsys,
+        ["recalibrate", "normlab:resnet20", "--data", "digits", "--out", str(tmp_path / "r")],
+    )
+    assert line.startswith(
+        "normlab recalibrate: error: the model does not accept the 1x32x32 images of data source "
+        "'digits' (RuntimeError: "
+    )
+    assert not (tmp_path / "f.pt").exists() and not (tmp_path / "r").exists()
+
+
+def test_numbers_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = ["normlab:resnet20", "--input-shape", "3,8,8"]
+    huge = str(10**30)
+    for argv, flag in [
+        (["fold", *target, str(tmp_path / "f.pt"), "--batch", huge], "--batch"),
+        (["fold", *target, str(tmp_path / "f.pt"), "--repeats", "0"], "--repeats"),
+        (["fold", *target, str(tmp_path / "f.pt"), "--threads", huge], "--threads"),
+        (["doctor", *target, "--max-batches", "-1"], "--max-batches"),
+        (["doctor", *target, "--rank-rtol", "nan"], "--rank-rtol"),
+        (["doctor", *target, "--num-classes", "0"], "--num-classes"),
+    ]:
+        with pytest.raises(SystemExit) as info:  # argparse's usage error, exit status 2
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: argument {flag}: expected " in err and "Traceback" not in err
+    assert error_line(
+        capsys, ["export", *target, "--onnx", str(tmp_path / "m"), "--opset", "3"]
+    ) == (
+        "normlab export: error: --opset must be an ONNX opset from 7 to 20 (what this torch "
+        "exports), got 3"
+    )
+    assert error_line(capsys, ["train", *FAST, "--seed", huge]) == (
+        f"normlab train: error: seed (--seed) must be an integer in [0, 2**63), got {huge}"
+    )
+    assert error_line(capsys, ["study", "placement", "--dry-run", "--seeds", huge]) == (
+        f"normlab study: error: seeds must be a count >= 1 (at most 10000) or a list of seeds, "
+        f"got {huge}"
+    )
+    line = error_line(capsys, ["train", *FAST, "--set", f"data.synthetic_image_size={huge}"])
+    assert line == (
+        f"normlab train: error: data.synthetic_image_size must be at most 32768, got {huge}"
+    )
 
 
 # ---- internal errors ---------------------------------------------------------------------------

@@ -14,6 +14,13 @@ from typing import Any
 
 from normlab.errors import ConfigError
 
+MAX_SIDE = 32768
+"""Largest image side, synthetic channel count and crop padding, in pixels, a config may ask for
+(beyond it tensor sizes overflow before any memory runs out)."""
+
+MAX_SYNTHETIC_BYTES = 2**32
+"""Most uint8 bytes a synthetic data set may hold (samples x channels x side x side)."""
+
 
 def _fail(field: str, expectation: str, value: object) -> None:
     raise ConfigError(f"data.{field} must be {expectation}, got {value!r}")
@@ -90,19 +97,32 @@ class DataConfig:
                 _fail(name, "true or false", getattr(self, name))
         if not _is_int(self.crop_padding) or self.crop_padding < 0:
             _fail("crop_padding", "an integer >= 0", self.crop_padding)
+        if self.crop_padding > MAX_SIDE:
+            _fail("crop_padding", f"at most {MAX_SIDE}", self.crop_padding)
         for name in ("image_size", "limit_train", "limit_val"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 _fail(name, "an integer >= 1 or null", value)
-        for name, low in (
-            ("synthetic_samples", 2),
-            ("synthetic_image_size", 1),
-            ("synthetic_classes", 2),
-            ("synthetic_channels", 1),
+        if self.image_size is not None and self.image_size > MAX_SIDE:
+            _fail("image_size", f"at most {MAX_SIDE}", self.image_size)
+        for name, low, high in (
+            ("synthetic_samples", 2, MAX_SYNTHETIC_BYTES),
+            ("synthetic_image_size", 1, MAX_SIDE),
+            ("synthetic_classes", 2, MAX_SYNTHETIC_BYTES),
+            ("synthetic_channels", 1, MAX_SIDE),
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 _fail(name, f"an integer >= {low}", value)
+            if value > high:
+                _fail(name, f"at most {high}", value)
+        size = self.synthetic_samples * self.synthetic_channels * self.synthetic_image_size**2
+        if self.name == "synthetic" and size > MAX_SYNTHETIC_BYTES:
+            raise ConfigError(
+                f"data.synthetic_samples x synthetic_channels x synthetic_image_size^2 is {size} "
+                f"bytes of images, more than the {MAX_SYNTHETIC_BYTES} a synthetic data set may "
+                "hold"
+            )
         if self.synthetic_samples < self.synthetic_classes:
             _fail(
                 "synthetic_samples",

@@ -69,7 +69,7 @@ def load_study(out: str | Path) -> StudyData:
         raise ConfigError(f"{out} is not a study directory (no {STUDY_FILE})")
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     meta = dict(doc.get("meta") or {}) if isinstance(doc, dict) else {}
     spec = spec_from_dict(doc, source=str(path))

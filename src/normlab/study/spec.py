@@ -280,10 +280,17 @@ def _overrides(value: Any, key: str, source: str | None) -> tuple[dict[str, Any]
     return flat, description, devices
 
 
+MAX_SEEDS = 10_000
+"""Most seeds a study may run (a larger count is a typo, not a study)."""
+
+
 def _seeds(value: Any, source: str | None) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise _fail(source, f"seeds must be a count >= 1 or a list of seeds, got {value!r}")
+        if not 1 <= value <= MAX_SEEDS:
+            raise _fail(
+                source,
+                f"seeds must be a count >= 1 (at most {MAX_SEEDS}) or a list of seeds, got {value!r}",
+            )
         return tuple(range(value))
     if isinstance(value, list | tuple) and value:
         seeds = []
@@ -669,13 +676,12 @@ def builtin_names() -> list[str]:
 
 def builtin_text(name: str) -> str:
     """The YAML text of a built-in study; ConfigError listing the names when unknown."""
-    entry = _builtin_dir().joinpath(f"{name}.yaml")
-    if not entry.is_file():
+    if name not in builtin_names():  # not a path test: any string may come from the CLI
         raise ConfigError(
             f"unknown study '{name}'; built-in studies: {', '.join(builtin_names())} "
             "(or give a study YAML file or a study directory)"
         )
-    text: str = entry.read_text(encoding="utf-8")
+    text: str = _builtin_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return text
 
 
@@ -686,7 +692,7 @@ def load_spec_file(path: str | Path) -> StudySpec:
         raise ConfigError(f"study file {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: expected a mapping of study keys, got {type(data).__name__}")
