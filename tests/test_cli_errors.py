@@ -15,6 +15,7 @@ import pytest
 
 import normlab.cli
 from normlab.cli import main
+from normlab.cli_args import output_dir, output_file
 from normlab.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,6 +32,9 @@ FAST = [
     "--set", "runtime.threads=1",
     "--quiet",
 ]  # fmt: skip
+
+PROC = Path("/proc")
+needs_proc = pytest.mark.skipif(not (PROC / "self").is_dir(), reason="needs Linux's /proc")
 
 
 def error_line(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
@@ -50,6 +54,31 @@ def text_pt(tmp_path: Path) -> Path:
 
 
 # ---- the failures issue 11 found ---------------------------------------------------------------
+
+
+def test_train_out_under_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    somefile = tmp_path / "somefile"
+    somefile.write_text("x")
+    assert error_line(capsys, ["train", *FAST, "--out", f"{somefile}/run"]) == (
+        f"normlab train: error: --out {somefile}/run: {somefile} is a file, not a directory"
+    )
+
+
+def test_train_out_is_an_existing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    somefile = tmp_path / "somefile"
+    somefile.write_text("x")
+    assert error_line(capsys, ["train", *FAST, "--out", str(somefile)]) == (
+        f"normlab train: error: --out {somefile}: exists and is not a directory (expected a "
+        "directory to write into)"
+    )
+
+
+@needs_proc
+def test_train_out_where_no_directory_can_be_made(capsys: pytest.CaptureFixture[str]) -> None:
+    assert error_line(capsys, ["train", *FAST, "--out", "/proc/normlab-x/run"]) == (
+        "normlab train: error: --out /proc/normlab-x/run: cannot create directory "
+        "/proc/normlab-x (No such file or directory)"
+    )
 
 
 @pytest.mark.parametrize("command", ["doctor", "recalibrate"])
@@ -134,6 +163,38 @@ def test_multi_line_library_errors_become_one_line(
     bad.write_text("a: [\n")
     line = error_line(capsys, ["train", "--config", str(bad)])
     assert line.startswith(f"normlab train: error: {bad}: not valid YAML: while parsing")
+
+
+def test_outputs_that_cannot_be_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    somefile = tmp_path / "somefile"
+    somefile.write_text("x")
+    a_dir = tmp_path / "adir"
+    a_dir.mkdir()
+    target = ["normlab:resnet20", "--input-shape", "3,8,8"]
+    assert error_line(capsys, ["fold", *target, str(a_dir)]) == (
+        f"normlab fold: error: OUT {a_dir}: is a directory (expected the name of a file to write)"
+    )
+    assert error_line(capsys, ["export", *target, "--onnx", f"{somefile}/m.onnx"]) == (
+        f"normlab export: error: --onnx {somefile}/m.onnx: {somefile} is a file, not a directory"
+    )
+    assert error_line(capsys, ["convert", *target, str(a_dir), "--op", "frozen-bn"]) == (
+        f"normlab convert: error: OUT {a_dir}: is a directory (expected the name of a file to write)"
+    )
+    assert error_line(
+        capsys, ["recalibrate", *target, "--data", "synthetic", "--out", str(a_dir)]
+    ) == (
+        f"normlab recalibrate: error: --out {a_dir}: is a directory (expected the name of a file "
+        "to write)"
+    )
+    assert error_line(capsys, ["report", str(somefile)]) == (
+        f"normlab report: error: STUDY_DIR {somefile}: exists and is not a directory (expected a "
+        "directory to write into)"
+    )
+    assert error_line(capsys, ["study", "placement", "--dry-run", "--out", str(somefile)]) == (
+        f"normlab study: error: --out {somefile}: exists and is not a directory (expected a "
+        "directory to write into)"
+    )
+    assert not list(a_dir.iterdir())  # the checks create nothing
 
 
 def test_inputs_the_model_does_not_accept(
@@ -262,3 +323,20 @@ def test_os_errors_name_the_file_and_interrupts_stay(
     assert error_line(capsys, ["models"], code=130) == (
         "normlab models: interrupted; resume with --resume"
     )
+
+
+# ---- the shared pieces -------------------------------------------------------------------------
+
+
+def test_output_checks_create_nothing(tmp_path: Path) -> None:
+    assert output_dir(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert output_file(tmp_path / "c" / "f.pt", "OUT") == tmp_path / "c" / "f.pt"
+    existing = tmp_path / "f.pt"
+    existing.write_text("old")
+    assert output_file(existing, "OUT") == existing  # replacing a file is fine
+    assert output_dir(tmp_path, "--out") == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt"]
+    with pytest.raises(ConfigError, match=r"^--out: expected a path, got ''$"):
+        output_dir("", "--out")
+    with pytest.raises(ConfigError, match="exists and is not a regular file"):
+        output_file("/dev/null", "OUT")  # atomic replacement would replace the device

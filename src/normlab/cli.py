@@ -30,7 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from normlab.cli_args import DATA_SOURCES_HELP, add_data_argument, add_set_argument, parse_sets
+from normlab.cli_args import (
+    DATA_SOURCES_HELP,
+    add_data_argument,
+    add_set_argument,
+    output_dir,
+    parse_sets,
+)
 from normlab.errors import NormlabError
 
 # flag dest -> dotted config key
@@ -177,9 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from normlab.config import load_yaml
     from normlab.store import RunDir
     from normlab.train import fit
-
-    if args.devices is not None and args.devices != 1:
-        return _launch_devices(args)
+    from normlab.train.fit import default_run_dir
 
     resume = args.resume is not False
     out = args.out
@@ -200,6 +204,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, _ = build_train_config(args)
     if resume and not RunDir(out).exists():
         raise NormlabError(f"--resume: {out} holds no run to continue (no config.yaml)")
+    if os.environ.get("RANK", "0") != "0":
+        pass  # only rank 0 writes; a probe here would race with it
+    elif out:
+        output_dir(out, "--resume" if isinstance(args.resume, str) else "--out")
+    elif config is not None:
+        output_dir(default_run_dir(config), "--out (default)")
+    if args.devices is not None and args.devices != 1:
+        return _launch_devices(args)  # after every check: the ranks would each fail alike
     result = fit(config, out=out, resume=resume, verbose=not args.quiet)
     s = result.summary
     if not args.quiet and os.environ.get("RANK", "0") == "0":

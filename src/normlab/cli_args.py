@@ -6,6 +6,12 @@
 * Numbers with a range (:func:`int_in`, :func:`number_in`): argparse types that refuse 0,
   negatives, NaN and sizes no tensor can have, with a message naming the flag, before any
   command starts work.
+* Output paths (:func:`output_dir`, :func:`output_file`): every command that writes checks its
+  output once, before it starts, that the path can be written: a file where a directory is
+  needed, a directory where a file is needed, a parent that is a file, or a directory the
+  process cannot write into is a :class:`~normlab.errors.ConfigError` naming the flag and the
+  path. The checks create nothing (a probe file or directory is removed at once), so a
+  command refused later still leaves no trace.
 
 This module sits below the command lines: it imports neither :mod:`normlab.cli` nor the plugin
 CLIs (they import it).
@@ -14,11 +20,16 @@ CLIs (they import it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from normlab.config import parse_override
+from normlab.errors import ConfigError
 
 __all__ = [
     "DATA_SOURCES_HELP",
@@ -27,6 +38,8 @@ __all__ = [
     "add_set_argument",
     "int_in",
     "number_in",
+    "output_dir",
+    "output_file",
     "parse_sets",
 ]
 
@@ -100,3 +113,87 @@ def number_in(low: float = 0.0) -> Callable[[str], float]:
 
     parse.__name__ = f"number >= {low:g}"
     return parse
+
+
+# ---- output paths ----------------------------------------------------------------------------
+
+
+def output_dir(path: str | Path, flag: str) -> Path:
+    """``path`` as a directory this process can write into, existing or to be created.
+
+    ConfigError naming ``flag`` when ``path`` is empty, is an existing non-directory, lies under
+    a file, or cannot be created or written (read-only, permissions, ``/proc``). Creates
+    nothing.
+    """
+    p = _given(path, flag)
+    with _named(flag, path):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(
+                f"{flag} {path}: exists and is not a directory (expected a directory to write into)"
+            )
+        _check_writable(p, flag, str(path), probe_file=None)
+    return p
+
+
+def output_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a file this process can write (replacing it if it exists).
+
+    ConfigError naming ``flag`` when ``path`` is empty, is a directory or another non-regular
+    file (a device, a FIFO), lies under a file, or its directory cannot be created or written.
+    Creates nothing.
+    """
+    p = _given(path, flag)
+    with _named(flag, path):
+        if p.is_dir():
+            raise ConfigError(
+                f"{flag} {path}: is a directory (expected the name of a file to write)"
+            )
+        if p.exists() and not p.is_file():
+            raise ConfigError(f"{flag} {path}: exists and is not a regular file")
+        _check_writable(p.parent, flag, str(path), probe_file=p.name)
+    return p
+
+
+def _given(path: str | Path, flag: str) -> Path:
+    if not str(path).strip():
+        raise ConfigError(f"{flag}: expected a path, got {str(path)!r}")
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _named(flag: str, path: str | Path) -> Iterator[None]:
+    """An OSError from looking at ``path`` (a name too long, a loop of links) as a ConfigError
+    naming ``flag``."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _check_writable(directory: Path, flag: str, given: str, *, probe_file: str | None) -> None:
+    """Raise unless files can be made in ``directory`` (created first if missing): probe the
+    real thing (a temporary file or the first missing directory, removed at once), since
+    permission bits do not tell (root, read-only mounts, ``/proc``)."""
+    existing, first_missing = directory, None
+    while not existing.exists():
+        first_missing, existing = existing, existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {given}: {existing} is a file, not a directory")
+    try:
+        if first_missing is not None:
+            try:
+                first_missing.mkdir()
+            except FileExistsError:  # made meanwhile by another process: it is not ours
+                return
+            first_missing.rmdir()
+        else:
+            prefix = f".{probe_file}." if probe_file else ".normlab-write-check."
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=existing)
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as exc:
+        where = first_missing if first_missing is not None else existing
+        what = "create directory" if first_missing is not None else "write into"
+        raise ConfigError(
+            f"{flag} {given}: cannot {what} {where} ({exc.strerror or type(exc).__name__})"
+        ) from None

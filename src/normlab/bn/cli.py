@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.cli_args import add_data_argument, int_in, number_in
+from normlab.cli_args import add_data_argument, int_in, number_in, output_file
 from normlab.errors import ConfigError, NormlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -445,6 +445,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise ConfigError("fold: cannot tell the input shape; pass --input-shape C,H,W")
     x = _example(shape, args.batch, model=model)
     _check_example(model, x, guessed=guessed)
+    output_file(args.output, "OUT")
     with _threads(args.threads):
         result = fold_batchnorm_report(
             model,
@@ -509,7 +510,10 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     assert got is not None
     bundle, cfg = got
     _check_data(model, bundle, cfg)
-    out = Path(args.out) if args.out else _default_out(target)
+    if args.out:
+        out = output_file(args.out, "--out")
+    else:
+        out = output_file(_default_out(target), "--out (default)")
     bs = args.batch_size or target.batch_size or 64
     train, val = _loaders(bundle, cfg, bs, target.seed)
     has_val = bundle.val_labels.numel() > 0
@@ -581,6 +585,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     target = _load(args, inputs[0])
     model = _require_model(target, "convert")
+    output_file(args.output, "OUT")
     report: list[str] = []
     for op in ops:
         if op == "keras-momentum":
@@ -646,6 +651,7 @@ def _reduce_ranks(args: argparse.Namespace, inputs: list[str]) -> int:
         source = f"{ranks} ranks ({', '.join(inputs)})"
         rest = "the other {} tensor(s) are equal on every rank"
     averaged = [k for k in state if k.endswith(("running_mean", "running_var"))]
+    output_file(args.output, "OUT")
     buffer = io.BytesIO()
     if not args.state_dict and target.checkpoint is not None and target.state_key is not None:
         ckpt = dict(target.checkpoint)
@@ -682,6 +688,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("export: cannot tell the input shape; pass --input-shape C,H,W")
     x = _example(shape, args.batch, model=model)
     _check_example(model, x, guessed=guessed)
+    output_file(args.onnx, "--onnx")
     result = export_onnx(model, x, args.onnx, fold=not args.no_fold, opset=args.opset)
     lines = [
         f"exported {target.description} -> {result.path} (opset {result.opset}, "

@@ -13,7 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from normlab.cli_args import DATA_SOURCES_HELP, add_data_argument, add_set_argument, parse_sets
+from normlab.cli_args import (
+    DATA_SOURCES_HELP,
+    add_data_argument,
+    add_set_argument,
+    output_dir,
+    parse_sets,
+)
 from normlab.errors import ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -120,6 +126,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         out = given.parent
     else:
         out = Path("studies") / spec.name
+    output_dir(out, "--out")
     keys = list(overrides) + (["epochs"] if args.epochs is not None else [])
     keys += ["data.name", "data.path"] if args.data else []
     stream = None if args.quiet else sys.stderr
@@ -181,6 +188,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from normlab.report import write_report
 
+    output_dir(args.study_dir, "STUDY_DIR")
     paths = write_report(args.study_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
