@@ -81,6 +81,13 @@ MAX_BATCH = 4096
 """Largest synthetic batch for verification and timing."""
 
 
+def _add_batch_arg(p: argparse.ArgumentParser, default: int, help_: str) -> None:
+    """``--batch``: the size of the synthetic batch a command verifies (and times) on."""
+    p.add_argument(
+        "--batch", type=int_in(1, MAX_BATCH), default=default, help=f"{help_} (at most {MAX_BATCH})"
+    )
+
+
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     """``"3,32,32"`` or ``"3x32x32"`` -> (3, 32, 32)."""
     if text is None:
@@ -752,12 +759,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     _add_target_args(p)
-    p.add_argument(
-        "--batch",
-        type=int_in(1, MAX_BATCH),
-        default=8,
-        help=f"verification/timing batch size (at most {MAX_BATCH})",
-    )
+    _add_batch_arg(p, 8, "verification/timing batch size")
     p.add_argument(
         "--repeats", type=int_in(1, 1000), default=5, help="timed rounds (median; at most 1000)"
     )
@@ -811,12 +813,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("target", metavar="CHECKPOINT")
     _add_target_args(p)
     p.add_argument("--onnx", metavar="OUT", required=True, help="the .onnx file to write")
-    p.add_argument(
-        "--batch",
-        type=int_in(1, MAX_BATCH),
-        default=4,
-        help=f"batch used for tracing and the check (at most {MAX_BATCH})",
-    )
+    _add_batch_arg(p, 4, "batch used for tracing and the check")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-fold", action="store_true", help="export without folding")
     p.add_argument("--json", action="store_true")
