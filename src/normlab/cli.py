@@ -204,12 +204,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, _ = build_train_config(args)
     if resume and not RunDir(out).exists():
         raise NormlabError(f"--resume: {out} holds no run to continue (no config.yaml)")
-    if os.environ.get("RANK", "0") != "0":
-        pass  # only rank 0 writes; a probe here would race with it
-    elif out:
-        output_dir(out, "--resume" if isinstance(args.resume, str) else "--out")
-    elif config is not None:
-        output_dir(default_run_dir(config), "--out (default)")
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 writes; other ranks' probes would race
+        if out:
+            output_dir(out, "--resume" if isinstance(args.resume, str) else "--out")
+        elif config is not None:
+            output_dir(default_run_dir(config), "--out (default)")
     if args.devices is not None and args.devices != 1:
         return _launch_devices(args)  # after every check: the ranks would each fail alike
     result = fit(config, out=out, resume=resume, verbose=not args.quiet)

@@ -149,9 +149,7 @@ def _example(
     it has none), so that half-precision models get half-precision inputs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *shape, generator=g)
-    params = model.parameters() if model is not None else iter(())
-    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
-    return x if dtype is None else x.to(dtype)
+    return x if model is None else x.to(_dtype(model))
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -168,7 +166,7 @@ def _check_forward(model: nn.Module, x: Tensor, what: str, hint: str) -> None:
             model(x)
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"{what} ({type(exc).__name__}: {detail}); {hint}") from None
+        raise ConfigError(f"{what} ({type(exc).__name__}: {detail}); {hint}") from exc
 
 
 def _check_example(model: nn.Module, x: Tensor, context: str = "", *, guessed: bool) -> None:
