@@ -154,3 +154,33 @@ def test_fold_convert_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 0 and exp["bn_nodes"] == 1 and exp["folded"] == 18
     assert exp["max_abs_error"] < 1e-4 * max(1.0, exp["output_scale"])
     assert main(["doctor", str(tmp_path / "m.onnx")]) == 0
+
+
+def test_cli_accepts_the_half_precision_folds_the_library_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normlab.bn.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+    )
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    model = model.to(torch.bfloat16).eval()
+    path = tmp_path / "bf16.pt"
+    torch.save(model, path)
+    # the batch the CLI verifies on: seed 0, 8 x (3, 8, 8), in the model's dtype
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    fold_batchnorm(model, x)  # the library accepts it (raises FoldError otherwise)
+    argv = ["fold", str(path), str(tmp_path / "f.pt"), "--unsafe-load", "--input-shape", "3,8,8"]
+    assert main([*argv, "--no-timing", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # beyond float32's 1e-4 (the CLI's old fixed tolerance), within bf16's rounding
+    assert 1e-4 * max(1.0, report["output_scale"]) < report["max_abs_error"]
+    assert report["max_abs_error"] <= report["tolerance"]
+    assert report["folded"] == 1 and (tmp_path / "f.pt").is_file()

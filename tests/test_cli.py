@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from normlab.cli import main
+from normlab.cli.args import parse_sets
+from normlab.data import split_data_spec
+from normlab.errors import ConfigError
 
 FAST = [
     "--data",
@@ -117,3 +121,20 @@ def test_unknown_probe_is_refused_before_anything_is_written(tmp_path, capsys):
     assert main(["train", *FAST, "--probe", "weight", "--out", str(out)]) == 2
     assert "weight" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_set_and_data_are_read_once() -> None:
+    assert parse_sets(["optim.lr=0.1", "model.xbn=true", "optim.lr=0.2", "a.b=[1, 2]"]) == {
+        "optim.lr": 0.2,
+        "model.xbn": True,
+        "a.b": [1, 2],
+    }
+    assert split_data_spec("cifar10:/data/c.tar.gz") == ("cifar10", "/data/c.tar.gz")
+    assert split_data_spec(" digits ") == ("digits", None)
+    for bad, message in [
+        ("", "--data must be NAME or NAME:PATH"),
+        (":x", "has no source name"),
+        ("imagefolder:", "has an empty path"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            split_data_spec(bad)

@@ -179,7 +179,12 @@ class RuntimeConfig:
             "'auto', 'channels_last' or 'contiguous'",
             self.memory_format,
         )
-        _check(self.threads is None or self.threads >= 1, "runtime.threads", ">= 1", self.threads)
+        _check(
+            self.threads is None or 1 <= self.threads <= 1024,
+            "runtime.threads",
+            "from 1 to 1024",
+            self.threads,
+        )
         _check(
             self.progress in ("auto", "on", "off"), "runtime.progress", "auto|on|off", self.progress
         )
@@ -214,7 +219,8 @@ class TrainConfig:
             ">= 1",
             self.eval_batch_size,
         )
-        _check(self.seed >= 0, "seed (--seed)", ">= 0", self.seed)
+        # torch.manual_seed takes a 64-bit seed
+        _check(0 <= self.seed < 2**63, "seed (--seed)", "an integer in [0, 2**63)", self.seed)
         _check(
             self.dist_bn in ("reduce", "broadcast", "none"),
             "dist_bn",

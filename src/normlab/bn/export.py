@@ -24,7 +24,43 @@ from normlab.bn.graph import eval_mode
 from normlab.errors import NormlabError
 from normlab.store import atomic_write_bytes
 
-__all__ = ["ExportResult", "export_onnx"]
+__all__ = ["OPSETS", "ExportResult", "check_opset", "export_onnx"]
+
+
+def _opsets() -> range:
+    """The ONNX opsets this torch's TorchScript exporter writes (7..20 in torch 2.14)."""
+    try:
+        from torch.onnx import _constants
+
+        low = int(_constants.ONNX_MIN_OPSET)
+        high = int(
+            getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+        )
+    except (ImportError, AttributeError):  # pragma: no cover - a torch without the constants
+        low, high = 7, 17
+    return range(low, high + 1)
+
+
+OPSETS = _opsets()
+"""Opsets :func:`export_onnx` accepts."""
+
+
+def check_opset(opset: object) -> int:
+    """``opset`` if it is in :data:`OPSETS`; NormlabError naming ``--opset`` otherwise."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
+        raise NormlabError(
+            f"--opset must be an ONNX opset from {OPSETS[0]} to {OPSETS[-1]} (what this torch "
+            f"exports), got {opset!r}"
+        )
+    return opset
+
+
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    """``"Error: first line"``, cut at ``limit`` characters (the exporter's quote whole graphs)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= limit else line[:limit] + " ..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 @dataclass
@@ -62,9 +98,12 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``model`` (folded, eval mode) to ONNX at ``path`` and check it with onnxruntime.
 
-    Raises :class:`NormlabError` when onnx/onnxruntime are missing or when onnxruntime's output
-    differs from PyTorch's by more than ``rtol * max(1, max|y|)``.
+    Raises :class:`NormlabError` when onnx/onnxruntime are missing, when ``opset`` is not in
+    :data:`OPSETS`, when the exporter, the ONNX checker or onnxruntime refuse the model (the
+    message names the step and its error), or when onnxruntime's output differs from
+    PyTorch's by more than ``rtol * max(1, max|y|)``.
     """
+    check_opset(opset)
     try:
         import onnx
         import onnxruntime as ort
@@ -76,25 +115,43 @@ def export_onnx(
     fold_result = fold_batchnorm_report(model, example_input) if fold else None
     exported = fold_result.model if fold_result is not None else model
     buffer = io.BytesIO()
-    with eval_mode(exported), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            exported,
-            (example_input,),
-            buffer,  # type: ignore[arg-type]  # the legacy exporter writes to file objects
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
+    # The exporter, the checker and onnxruntime judge the user's model: their refusals (an op
+    # without an ONNX form at this opset, say) are the answer, not a bug here.
+    try:
+        with eval_mode(exported), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+            torch.onnx.export(
+                exported,
+                (example_input,),
+                buffer,  # type: ignore[arg-type]  # the legacy exporter writes to file objects
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+    except Exception as exc:
+        raise NormlabError(
+            f"torch.onnx.export cannot export the model at opset {opset} ({_first_line(exc)}); "
+            "try another --opset"
+        ) from exc
     data = buffer.getvalue()
-    proto = onnx.load_from_string(data)
-    onnx.checker.check_model(proto)
+    try:
+        proto = onnx.load_from_string(data)
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise NormlabError(
+            f"the exported ONNX model fails onnx.checker ({_first_line(exc)})"
+        ) from exc
     bn_nodes = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    x = example_input.detach().cpu().float().numpy()
-    got = session.run(None, {session.get_inputs()[0].name: x})
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        x = example_input.detach().cpu().float().numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x})
+    except Exception as exc:
+        raise NormlabError(
+            f"onnxruntime cannot run the exported model ({_first_line(exc)})"
+        ) from exc
     with eval_mode(model), torch.no_grad():
         want = model(example_input)
     wants = [want] if isinstance(want, Tensor) else list(want)

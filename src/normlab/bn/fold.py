@@ -70,6 +70,7 @@ __all__ = [
     "compare_throughput",
     "fold_batchnorm",
     "fold_batchnorm_report",
+    "fold_tolerance",
     "measure_throughput",
     "output_error",
 ]
@@ -128,6 +129,21 @@ class FoldResult:
     images_per_s_after: float | None = None
 
     @property
+    def tolerance(self) -> float | None:
+        """The largest ``max_abs_error`` that is float rounding for the folded model's dtype
+        (:func:`fold_tolerance`); None when unverified (no example input)."""
+        if self.output_scale is None:
+            return None
+        return fold_tolerance(self.output_scale, _param_dtype(self.model))
+
+    @property
+    def exact(self) -> bool | None:
+        """Whether the verified output error is within :attr:`tolerance`; None when unverified."""
+        if self.max_abs_error is None or self.tolerance is None:
+            return None
+        return self.max_abs_error <= self.tolerance
+
+    @property
     def speedup(self) -> float | None:
         if self.images_per_s_before and self.images_per_s_after:
             return self.images_per_s_after / self.images_per_s_before
@@ -140,6 +156,7 @@ class FoldResult:
             "graph": self.graph_method,
             "max_abs_error": self.max_abs_error,
             "output_scale": self.output_scale,
+            "tolerance": self.tolerance,
             "images_per_s_before": self.images_per_s_before,
             "images_per_s_after": self.images_per_s_after,
             "speedup": self.speedup,
@@ -375,9 +392,13 @@ def output_error(
     return err, scale
 
 
-def _tolerance(scale: float, dtype: torch.dtype) -> float:
+def fold_tolerance(output_scale: float, dtype: torch.dtype) -> float:
+    """The output error a fold may introduce by float rounding alone: ``rel * max(1, scale)``
+    with ``rel`` 1e-9 in float64, 1e-4 in float32 and 2e-2 in half precision (bfloat16,
+    float16), where ``output_scale`` is ``max |original(x)|``. The one tolerance of the
+    folder, :func:`fold_batchnorm` and ``normlab fold``."""
     rel = 1e-9 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 2e-2
-    return rel * max(scale, 1.0)
+    return rel * max(output_scale, 1.0)
 
 
 def _rate(model: nn.Module, batch: Tensor, min_seconds: float) -> float:
@@ -632,7 +653,7 @@ def _apply_step(
         return
     if verify and example_input is not None:
         err, scale = output_error(original, model, example_input)
-        if err > _tolerance(scale, _param_dtype(model)):
+        if err > fold_tolerance(scale, _param_dtype(model)):
             for name, module in saved.items():
                 _set(model, name, module)
             result.skipped.append(
@@ -647,9 +668,7 @@ def _apply_step(
 
 def _inexact(result: FoldResult) -> bool:
     """True if the verified output error exceeds float rounding."""
-    if result.max_abs_error is None or result.output_scale is None:
-        return False
-    return result.max_abs_error > _tolerance(result.output_scale, _param_dtype(result.model))
+    return result.exact is False
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -668,7 +687,7 @@ def fold_batchnorm(
     See :func:`fold_batchnorm_report` (same arguments) for what is folded and the report.
     With ``example_input`` the result is checked against the original: raises
     :class:`FoldError` if any output differs by more than float rounding
-    (``1e-4 * max(1, max|y|)`` in float32).
+    (:func:`fold_tolerance`: ``1e-4 * max(1, max|y|)`` in float32, 2e-2 in half precision).
     """
     result = fold_batchnorm_report(model, example_input, post=post, padded=padded)
     if _inexact(result):

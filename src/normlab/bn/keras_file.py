@@ -395,7 +395,12 @@ def read_keras(path: str | Path) -> KerasModel:
 
     Raises :class:`DataError` naming the file when it is not a readable Keras model.
     """
-    import h5py
+    try:
+        import h5py
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DataError(
+            f"{path}: reading Keras files needs h5py (pip install h5py, or 'normlab[bn]')"
+        ) from exc
 
     path = Path(path)
     if not path.is_file():
@@ -409,8 +414,9 @@ def read_keras(path: str | Path) -> KerasModel:
                         f"{path}: a zip archive without config.json and model.weights.h5 is not "
                         "a Keras 3 .keras file"
                     )
-                config = json.loads(zf.read("config.json"))
+                config = _mapping(json.loads(zf.read("config.json")), path, "config.json")
                 meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
+                meta = meta if isinstance(meta, dict) else {}
                 weights_bytes = zf.read("model.weights.h5")
             layers = _flatten_layers(config)
             with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
@@ -425,7 +431,7 @@ def read_keras(path: str | Path) -> KerasModel:
                     f"{path}: HDF5 file without a 'model_config' attribute (a weights-only file?); "
                     "doctor needs the full model saved with model.save()"
                 )
-            config = json.loads(_decode(raw))
+            config = _mapping(json.loads(_decode(raw)), path, "model_config")
             version = h5.attrs.get("keras_version")
             root = h5.get("model_weights", h5)
             weights = _weights_h5(root)
@@ -440,7 +446,18 @@ def read_keras(path: str | Path) -> KerasModel:
         )
     except DataError:
         raise
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+    # AttributeError, TypeError: the JSON config is not shaped like Keras' (a list where a layer
+    # mapping belongs, say); the file is the user's, so that is bad input, not a bug here
+    except (OSError, KeyError, ValueError, AttributeError, TypeError) as exc:
         raise DataError(
             f"{path}: not a readable Keras model file ({type(exc).__name__}: {exc})"
         ) from None
+
+
+def _mapping(config: Any, path: Path, what: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise DataError(
+            f"{path}: its {what} is a JSON {type(config).__name__}, not a Keras model config "
+            "(a JSON object)"
+        )
+    return config

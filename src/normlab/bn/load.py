@@ -33,6 +33,7 @@ for the doctor's rank-set check and ``convert --op reduce-ranks``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -104,6 +105,10 @@ def _import_callable(spec: str) -> Any:
         raise ConfigError(
             f"{spec}: cannot import module {module_name!r} ({exc}); is it installed?"
         ) from None
+    except (Exception, SystemExit) as exc:  # the module's own code failed while importing
+        raise ConfigError(
+            f"{spec}: importing module {module_name!r} failed ({_first_line(exc)})"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -111,7 +116,18 @@ def _import_callable(spec: str) -> Any:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"{spec}: {attr!r} is not callable")
+    if inspect.isbuiltin(obj):
+        raise ConfigError(
+            f"{spec}: {attr!r} is a built-in function, not a model class or a function that "
+            "builds one"
+        )
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    """``"TypeError: first line of the message"``."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
@@ -142,13 +158,26 @@ def build_arch(
     if name.startswith("normlab:"):
         classes = options.pop("num_classes", num_classes or 10)
         size = options.pop("input_size", input_size)
-        return build_model(name.split(":", 1)[1], classes, input_size=size, **options)
+        try:
+            return build_model(name.split(":", 1)[1], classes, input_size=size, **options)
+        except (RuntimeError, OverflowError, TypeError, MemoryError) as exc:
+            # build_model has checked names and options; what fails now is a size (a huge
+            # num_classes) that torch cannot allocate
+            raise ConfigError(f"{spec}: cannot build the model ({_first_line(exc)})") from exc
     if not _CALLABLE.match(name):
         raise ConfigError(f"--arch must be module:callable or normlab:NAME, got {spec!r}")
     fn = _import_callable(name)
     if num_classes is not None:
         options.setdefault("num_classes", num_classes)
-    model = fn(**options)
+    try:
+        model = fn(**options)
+    except (Exception, SystemExit) as exc:  # the user's builder refused these arguments
+        called = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no arguments"
+        raise ConfigError(
+            f"{spec}: calling it with {called} failed ({_first_line(exc)}); a module:callable "
+            "must build the model from keyword arguments alone, given after commas: "
+            f"{name},key=value,..."
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -204,8 +233,47 @@ def layers_from_state_dict(state: Mapping[str, Tensor]) -> list[NormLayer]:
     return out
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_torch_file(path: Path) -> None:
+    """DataError unless ``path`` is a readable file that starts like ``torch.save`` output: a zip
+    archive (torch >= 1.6) or a pickle (the legacy format); ``.safetensors`` files are left to
+    torch. Without this, torch's legacy reader fails on a text file deep in its unpickler."""
+    expected = "expected a PyTorch file written by torch.save"
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory ({expected})")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file ({expected})")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if path.suffix.lower() == ".safetensors":
+        return
+    if not head:
+        raise DataError(f"{path}: is empty ({expected})")
+    if head.startswith(_ZIP_MAGIC) or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
+        return
+    if head.startswith(_HDF5_MAGIC):
+        found = "an HDF5 file (a Keras .h5 model is read when its name ends in .h5)"
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        printable = text and all(c.isprintable() or c in "\t\r\n" for c in text)
+        found = f"text starting {text[:12]!r}" if printable else f"bytes {head[:8].hex(' ')} ..."
+    raise DataError(f"{path}: not a PyTorch file: it holds {found} ({expected})")
+
+
 def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool]:
     """(object, was_pickled_code)."""
+    _check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
@@ -215,14 +283,12 @@ def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool]:
                 "loading it would run code from the file. If you trust it, pass --unsafe-load "
                 f"(detail: {str(exc).splitlines()[0]})"
             ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise DataError(
-            f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})"
-        ) from None
+    except Exception as exc:  # torch's readers on a damaged file: zip, pickle, safetensors errors
+        raise DataError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False), True
     except Exception as exc:
-        raise DataError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
 
 
 def _run_model(

@@ -1,7 +1,20 @@
 """The ``normlab`` command line.
 
-Every subcommand is a thin shell over a Python function. Errors that derive from
-:class:`NormlabError` are printed as one clear line (no traceback) with exit status 2.
+Every subcommand is a thin shell over a Python function. A failure is one line on stderr,
+``normlab CMD: error: MESSAGE``, naming the file, field or flag at fault and what was expected;
+no command prints a traceback for anything a user can type or point it at.
+
+Exit status:
+
+====  ==========================================================================================
+0     success (``doctor``: no findings above notes)
+1     ``train``/``study``: finished, but a run diverged or failed; ``doctor``: warnings found
+2     a user error (bad flag, value, name, file or path; one ``error:`` line, argparse's usage
+      errors included); ``doctor``: errors found (a report, not an ``error:`` line)
+3     an internal error: a bug in normlab. One line names the exception; ``normlab --debug CMD
+      ...`` or ``NORMLAB_DEBUG=1`` shows its traceback (and the traceback of any other error)
+130   interrupted (Ctrl-C); ``train --resume`` / the same ``study`` command continues
+====  ==========================================================================================
 
 Precedence of training settings: built-in defaults < ``--config FILE.yaml`` < named flags
 (``--lr``) < ``--set key=value`` (any config field, dotted: ``optim.warmup_epochs=1``).
@@ -16,6 +29,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.cli.args import (
+    DATA_SOURCES_HELP,
+    add_data_argument,
+    add_set_argument,
+    output_dir,
+    parse_sets,
+)
 from normlab.errors import NormlabError
 
 # flag dest -> dotted config key
@@ -56,11 +76,7 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="weight init: default (torchvision-style) | lsuv (data-dependent unit variance, "
         "for --norm none)",
     )
-    p.add_argument(
-        "--data",
-        metavar="SOURCE[:PATH]",
-        help="digits (default, bundled) | synthetic | cifar10[:PATH] | imagefolder:PATH",
-    )
+    add_data_argument(p, f"{DATA_SOURCES_HELP}; default digits (bundled)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -81,13 +97,8 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="DIR",
         help="continue the interrupted run in --out (or in DIR)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set any config field, e.g. --set optim.schedule=step --set model.alpha=0.5",
+    add_set_argument(
+        p, "set any config field, e.g. --set optim.schedule=step --set model.alpha=0.5"
     )
     p.add_argument(
         "--probe",
@@ -106,7 +117,8 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def build_train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
     """The TrainConfig described by parsed ``normlab train`` arguments over ``base``."""
-    from normlab.config import apply_overrides, config_from_dict, load_yaml, parse_override
+    from normlab.config import apply_overrides, config_from_dict, load_yaml
+    from normlab.data import split_data_spec
 
     data: dict[str, Any] = dict(base or {})
     source = None
@@ -118,15 +130,11 @@ def build_train_config(args: argparse.Namespace, base: dict[str, Any] | None = N
         value = getattr(args, dest)
         if value is not None:
             overrides[key] = value
-    if args.data:
-        name, _, path = args.data.partition(":")
-        overrides["data.name"] = name
-        overrides["data.path"] = path or None
+    if args.data is not None:
+        overrides["data.name"], overrides["data.path"] = split_data_spec(args.data)
     if args.probe:
         overrides["probes"] = [name.strip() for name in args.probe.split(",") if name.strip()]
-    for item in args.overrides:
-        key, value = parse_override(item)
-        overrides[key] = value
+    overrides.update(parse_sets(args.overrides))
     merged = apply_overrides(data, overrides)
     return config_from_dict(merged, source=source), bool(overrides) or bool(args.config)
 
@@ -174,9 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from normlab.config import load_yaml
     from normlab.store import RunDir
     from normlab.train import fit
-
-    if args.devices is not None and args.devices != 1:
-        return _launch_devices(args)
+    from normlab.train.setup import default_run_dir
 
     resume = args.resume is not False
     out = args.out
@@ -197,6 +203,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, _ = build_train_config(args)
     if resume and not RunDir(out).exists():
         raise NormlabError(f"--resume: {out} holds no run to continue (no config.yaml)")
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 writes; other ranks' probes would race
+        if out:
+            output_dir(out, "--resume" if isinstance(args.resume, str) else "--out")
+        elif config is not None:
+            output_dir(default_run_dir(config), "--out (default)")
+    if args.devices is not None and args.devices != 1:
+        return _launch_devices(args)  # after every check: the ranks would each fail alike
     result = fit(config, out=out, resume=resume, verbose=not args.quiet)
     s = result.summary
     if not args.quiet and os.environ.get("RANK", "0") == "0":
@@ -241,6 +254,11 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         description="Normalization studies for CNNs, and a BatchNorm toolbox.",
     )
     parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the Python traceback of an error (also: {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
     sub.add_parser("models", help="list models and their options")
@@ -249,21 +267,67 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+DEBUG_ENV = "NORMLAB_DEBUG"
+
+
+def _debugging(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: a library's multi-line text (YAML's parser errors) joined."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``normlab ARGV``; return the exit status (see the module docstring)."""
     parser, handlers = make_parser()
     args = parser.parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
+    command = args.command
     try:
-        return handlers[args.command](args)
-    except NormlabError as exc:
-        print(f"normlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return handlers[command](args)
     except KeyboardInterrupt:
-        print(f"normlab {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        print(f"normlab {command}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except NormlabError as exc:
+        if _debugging(args):
+            raise
+        print(f"normlab {command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # The environment refused a read or write that the checks before it could not foresee
+        # (the disk filled up, a file vanished, permissions changed): name the file.
+        if _debugging(args):
+            raise
+        if exc.filename is None:
+            return _internal_error(command, exc)
+        print(
+            f"normlab {command}: error: {exc.filename}: {exc.strerror or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        if _debugging(args):
+            raise
+        return _internal_error(command, exc)
+
+
+def _internal_error(command: str, exc: BaseException) -> int:
+    detail = _one_line(str(exc))[:300]
+    print(
+        f"normlab {command}: internal error: {type(exc).__name__}"
+        + (f": {detail}" if detail else "")
+        + f" (a bug in normlab; run `normlab --debug {command} ...` or set {DEBUG_ENV}=1 to "
+        "see the traceback, and please report it)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

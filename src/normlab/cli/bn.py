@@ -21,16 +21,19 @@ saves tensors only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from normlab.cli.args import add_data_argument, int_in, number_in, output_file
 from normlab.errors import ConfigError, NormlabError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -50,7 +53,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", metavar="FILE", help="state_dict to load into a module:callable TARGET"
     )
-    p.add_argument("--num-classes", type=int, help="passed to --arch / module:callable builders")
+    p.add_argument(
+        "--num-classes", type=int_in(1), help="passed to --arch / module:callable builders"
+    )
     p.add_argument(
         "--unsafe-load",
         action="store_true",
@@ -65,8 +70,22 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_arg(p: argparse.ArgumentParser, help_: str) -> None:
-    p.add_argument("--data", metavar="SOURCE[:PATH]", help=help_)
-    p.add_argument("--batch-size", type=int, help="batch size (default: the run's, else 64)")
+    add_data_argument(p, help_)
+    p.add_argument("--batch-size", type=int_in(1), help="batch size (default: the run's, else 64)")
+
+
+MAX_SAMPLE_VALUES = 2**26
+"""Most values one synthetic input sample may have (256 MiB in float32)."""
+
+MAX_BATCH = 4096
+"""Largest synthetic batch for verification and timing."""
+
+
+def _add_batch_arg(p: argparse.ArgumentParser, default: int, help_: str) -> None:
+    """``--batch``: the size of the synthetic batch a command verifies (and times) on."""
+    p.add_argument(
+        "--batch", type=int_in(1, MAX_BATCH), default=default, help=f"{help_} (at most {MAX_BATCH})"
+    )
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -76,7 +95,13 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     parts = text.replace("x", ",").split(",")
     if not parts or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(f"--input-shape must be positive integers like 3,32,32, got {text!r}")
-    return tuple(int(p) for p in parts)
+    shape = tuple(int(p) for p in parts)
+    if math.prod(shape) > MAX_SAMPLE_VALUES:
+        raise ConfigError(
+            f"--input-shape {text}: {math.prod(shape)} values per sample, more than the "
+            f"{MAX_SAMPLE_VALUES} this tool allocates"
+        )
+    return shape
 
 
 def _load(args: argparse.Namespace, spec: str) -> Any:
@@ -117,9 +142,74 @@ def _input_shape(args: argparse.Namespace, target: Any) -> tuple[tuple[int, ...]
     return None, True
 
 
-def _example(shape: tuple[int, ...], batch: int = 8, seed: int = 0) -> Tensor:
+def _example(
+    shape: tuple[int, ...], batch: int = 8, seed: int = 0, model: nn.Module | None = None
+) -> Tensor:
+    """A standard-normal batch, in the floating dtype of ``model``'s parameters (float32 when
+    it has none), so that half-precision models get half-precision inputs."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *shape, generator=g)
+    x = torch.randn(batch, *shape, generator=g)
+    return x if model is None else x.to(_dtype(model))
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _check_forward(model: nn.Module, x: Tensor, what: str, hint: str) -> None:
+    """Run ``model`` once on ``x`` (eval mode, no grad): ConfigError ``"{what} (the error);
+    {hint}"`` when the model does not accept it, before any real work starts."""
+    from normlab.bn.graph import eval_mode
+
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{what} ({type(exc).__name__}: {detail}); {hint}") from exc
+
+
+def _check_example(model: nn.Module, x: Tensor, context: str = "", *, guessed: bool) -> None:
+    """The synthetic batch ``x`` (from ``--input-shape``, the run, or a guess) fits ``model``."""
+    shape = ",".join(map(str, x.shape[1:]))
+    _check_forward(
+        model,
+        x,
+        f"{context + ': ' if context else ''}the model fails on a batch of "
+        f"{'guessed ' if guessed else ''}input shape {shape}",
+        "pass --input-shape C,H,W with a shape the model accepts",
+    )
+
+
+def _check_data(model: nn.Module, bundle: Any, cfg: Any) -> None:
+    """Two training images of ``bundle`` (as the loaders prepare them) fit ``model``."""
+    from normlab.data import BatchLoader
+
+    if bundle.train_labels.numel() == 0:
+        return
+    probe = BatchLoader.evaluation(
+        bundle.train_images[:2], bundle.train_labels[:2], 2, mean=bundle.mean, std=bundle.std
+    )
+    x, _ = next(iter(probe))
+    shape = "x".join(map(str, x.shape[1:]))
+    _check_forward(
+        model,
+        x,
+        f"the model does not accept the {shape} images of data source {cfg.name!r}",
+        "choose the model's data with --data (or --arch / --num-classes for the model)",
+    )
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block (nothing when ``n`` is None)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _data(args: argparse.Namespace, target: Any, *, required: bool) -> tuple[Any, Any] | None:
@@ -324,7 +414,7 @@ def _doctor_one(args: argparse.Namespace, target: Any, spec: str) -> Any:
         data, _ = _loaders(bundle, cfg, bs, target.seed)
     example = None
     if not args.static and shape is not None and data is None:
-        example = _example(shape, 4)
+        example = _example(shape, 4, model=model)
         if guessed:
             notes.append(f"dynamic checks on a synthetic batch of guessed shape {shape}")
         else:
@@ -353,29 +443,30 @@ def _doctor_one(args: argparse.Namespace, target: Any, spec: str) -> Any:
 def cmd_fold(args: argparse.Namespace) -> int:
     from normlab.bn.fold import fold_batchnorm_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     target = _load(args, args.input)
     model = _require_model(target, "fold")
-    shape, _ = _input_shape(args, target)
+    shape, guessed = _input_shape(args, target)
     if shape is None:
         raise ConfigError("fold: cannot tell the input shape; pass --input-shape C,H,W")
-    x = _example(shape, args.batch)
-    result = fold_batchnorm_report(
-        model,
-        x,
-        post=not args.no_post,
-        padded="refuse" if args.refuse_padded else "exact",
-        measure_speed=not args.no_timing,
-        speed_repeats=args.repeats,
-    )
-    ok = result.max_abs_error is not None and result.max_abs_error <= 1e-4 * max(
-        1.0, result.output_scale or 0.0
-    )
-    if not ok:
+    x = _example(shape, args.batch, model=model)
+    _check_example(model, x, guessed=guessed)
+    output_file(args.output, "OUT")
+    with _threads(args.threads):
+        result = fold_batchnorm_report(
+            model,
+            x,
+            post=not args.no_post,
+            padded="refuse" if args.refuse_padded else "exact",
+            measure_speed=not args.no_timing,
+            speed_repeats=args.repeats,
+        )
+        threads = torch.get_num_threads()
+    if not result.exact:
         raise NormlabError(
-            f"fold: the folded model differs from the original by {result.max_abs_error} "
-            f"(outputs up to {result.output_scale}); nothing written"
+            f"fold: the folded model differs from the original by {result.max_abs_error:.3g} "
+            f"(outputs up to {result.output_scale:.3g}; float rounding in "
+            f"{str(_dtype(model)).removeprefix('torch.')} allows {result.tolerance:.3g}); "
+            "nothing written"
         )
     _save_module(result.model, args.output)
     lines = [
@@ -387,7 +478,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         lines.append(
             f"  eval images/s: {result.images_per_s_before:.1f} -> {result.images_per_s_after:.1f} "
             f"(x{result.speedup:.2f}; median of {args.repeats} interleaved rounds, "
-            f"{torch.get_num_threads()} thread(s), same run)"
+            f"{threads} thread(s), same run)"
         )
     for step in result.folded:
         if step.placement == "post" or step.note:
@@ -423,13 +514,17 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     got = _data(args, target, required=True)
     assert got is not None
     bundle, cfg = got
+    _check_data(model, bundle, cfg)
+    if args.out:
+        out = output_file(args.out, "--out")
+    else:
+        out = output_file(_default_out(target), "--out (default)")
     bs = args.batch_size or target.batch_size or 64
     train, val = _loaders(bundle, cfg, bs, target.seed)
     has_val = bundle.val_labels.numel() > 0
     before = evaluate(model, val) if has_val else None
     result = recalibrate_batchnorm(model, train, num_batches=args.batches)
     after = evaluate(model, val) if has_val else None
-    out = Path(args.out) if args.out else _default_out(target)
     state = model.state_dict()
     buffer = io.BytesIO()
     if target.kind == "module" or (target.kind == "callable" and target.path is None):
@@ -495,13 +590,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     target = _load(args, inputs[0])
     model = _require_model(target, "convert")
+    output_file(args.output, "OUT")
     report: list[str] = []
     for op in ops:
         if op == "keras-momentum":
             model = keras_to_torch_conventions(model, report=report)
         elif op == "sync-to-bn":
             shape, guessed = _input_shape(args, target)
-            example = _example(shape, 2) if shape is not None and not guessed else None
+            example = _example(shape, 2, model=model) if shape is not None and not guessed else None
+            if example is not None:
+                _check_example(model, example, "--op sync-to-bn", guessed=False)
             model = sync_to_batchnorm(model, example, report=report)
         elif op == "frozen-bn":
             model = to_frozen_batchnorm(model, report=report)
@@ -558,6 +656,7 @@ def _reduce_ranks(args: argparse.Namespace, inputs: list[str]) -> int:
         source = f"{ranks} ranks ({', '.join(inputs)})"
         rest = "the other {} tensor(s) are equal on every rank"
     averaged = [k for k in state if k.endswith(("running_mean", "running_var"))]
+    output_file(args.output, "OUT")
     buffer = io.BytesIO()
     if not args.state_dict and target.checkpoint is not None and target.state_key is not None:
         ckpt = dict(target.checkpoint)
@@ -584,14 +683,17 @@ def _reduce_ranks(args: argparse.Namespace, inputs: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from normlab.bn.export import export_onnx
+    from normlab.bn.export import check_opset, export_onnx
 
+    check_opset(args.opset)
     target = _load(args, args.target)
     model = _require_model(target, "export").eval()
-    shape, _ = _input_shape(args, target)
+    shape, guessed = _input_shape(args, target)
     if shape is None:
         raise ConfigError("export: cannot tell the input shape; pass --input-shape C,H,W")
-    x = _example(shape, args.batch)
+    x = _example(shape, args.batch, model=model)
+    _check_example(model, x, guessed=guessed)
+    output_file(args.onnx, "--onnx")
     result = export_onnx(model, x, args.onnx, fold=not args.no_fold, opset=args.opset)
     lines = [
         f"exported {target.description} -> {result.path} (opset {result.opset}, "
@@ -633,16 +735,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         help="inference: train mode is a defect (default); training: about to be (fine-)tuned",
     )
     p.add_argument(
-        "--min-count", type=int, default=16, help="values per channel below which to warn"
+        "--min-count", type=int_in(0), default=16, help="values per channel below which to warn"
     )
-    p.add_argument("--max-batches", type=int, default=8, help="batches for the estimation shift")
+    p.add_argument(
+        "--max-batches", type=int_in(1), default=8, help="batches for the estimation shift"
+    )
     p.add_argument(
         "--rank-rtol",
-        type=float,
+        type=number_in(0),
         default=1e-3,
         help="ranks agree when max-min over ranks <= rank-atol + rank-rtol * |value| (1e-3)",
     )
-    p.add_argument("--rank-atol", type=float, default=1e-6, help="see --rank-rtol (1e-6)")
+    p.add_argument("--rank-atol", type=number_in(0), default=1e-6, help="see --rank-rtol (1e-6)")
 
     p = sub.add_parser(
         "fold",
@@ -653,12 +757,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     _add_target_args(p)
-    p.add_argument("--batch", type=int, default=8, help="verification/timing batch size")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    _add_batch_arg(p, 8, "verification/timing batch size")
+    p.add_argument(
+        "--repeats", type=int_in(1, 1000), default=5, help="timed rounds (median; at most 1000)"
+    )
     p.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_in(1, 1024),
         help="torch threads for the timing (1 is steadiest on a busy machine)",
     )
     p.add_argument("--no-post", action="store_true", help="fold only BNs that follow their layer")
@@ -678,7 +784,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("target", metavar="CHECKPOINT")
     _add_target_args(p)
     _add_data_arg(p, "data to recalibrate on (default: the run's own data)")
-    p.add_argument("--batches", type=int, help="use at most this many batches (default: all)")
+    p.add_argument("--batches", type=int_in(1), help="use at most this many batches (default: all)")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the input)")
     p.add_argument("--json", action="store_true")
 
@@ -705,7 +811,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("target", metavar="CHECKPOINT")
     _add_target_args(p)
     p.add_argument("--onnx", metavar="OUT", required=True, help="the .onnx file to write")
-    p.add_argument("--batch", type=int, default=4, help="batch used for tracing and the check")
+    _add_batch_arg(p, 4, "batch used for tracing and the check")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-fold", action="store_true", help="export without folding")
     p.add_argument("--json", action="store_true")

@@ -12,8 +12,14 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from normlab.cli.args import (
+    DATA_SOURCES_HELP,
+    add_data_argument,
+    add_set_argument,
+    output_dir,
+    parse_sets,
+)
 from normlab.errors import ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -46,19 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         help="number of seeds (0..N-1) or a comma-separated list of seeds",
     )
     p.add_argument("--epochs", type=int, help="epochs of every run")
-    p.add_argument(
-        "--data",
-        metavar="SOURCE[:PATH]",
-        help="data source for every run (digits | synthetic | cifar10[:PATH] | imagefolder:PATH)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set a field of the base config, e.g. --set optim.lr=0.05 (repeatable)",
-    )
+    add_data_argument(p, f"data source for every run ({DATA_SOURCES_HELP})")
+    add_set_argument(p, "set a field of the base config, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--jobs", type=int, help="runs in parallel (default: one per CPU core)")
     p.add_argument(
         "--executor",
@@ -109,14 +104,10 @@ def _command() -> str:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from normlab.config import parse_override
     from normlab.study.spec import STUDY_FILE, load_spec, shadowed_keys, with_overrides
 
     spec = load_spec(args.study)
-    overrides: dict[str, Any] = {}
-    for item in args.overrides:
-        key, value = parse_override(item)
-        overrides[key] = value
+    overrides = parse_sets(args.overrides)
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     spec = with_overrides(
@@ -135,6 +126,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         out = given.parent
     else:
         out = Path("studies") / spec.name
+    output_dir(out, "--out")
     keys = list(overrides) + (["epochs"] if args.epochs is not None else [])
     keys += ["data.name", "data.path"] if args.data else []
     stream = None if args.quiet else sys.stderr
@@ -201,6 +193,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from normlab.report import write_report
 
+    output_dir(args.study_dir, "STUDY_DIR")
     paths = write_report(args.study_dir)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

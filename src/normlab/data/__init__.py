@@ -18,7 +18,7 @@ normalisation of a 50k-image epoch at batch 128: ~0.22 s (``benchmarks/data_augm
 """
 
 from normlab.data.bundle import DEFAULT_HOLDOUT, DataBundle, build_data, channel_stats
-from normlab.data.config import DataConfig, parse_data_spec
+from normlab.data.config import DataConfig, parse_data_spec, split_data_spec
 from normlab.data.loader import BatchLoader
 from normlab.data.sources import CIFAR10_CLASSES, SOURCES, RawData, Source, describe_flip
 
@@ -35,4 +35,5 @@ __all__ = [
     "channel_stats",
     "describe_flip",
     "parse_data_spec",
+    "split_data_spec",
 ]

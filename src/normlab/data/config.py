@@ -15,6 +15,13 @@ from typing import Any
 from normlab.data.sources import SOURCES
 from normlab.errors import ConfigError
 
+MAX_SIDE = 32768
+"""Largest image side, synthetic channel count and crop padding, in pixels, a config may ask for
+(beyond it tensor sizes overflow before any memory runs out)."""
+
+MAX_SYNTHETIC_BYTES = 2**32
+"""Most uint8 bytes a synthetic data set may hold (samples x channels x side x side)."""
+
 
 def _fail(field: str, expectation: str, value: object) -> None:
     raise ConfigError(f"data.{field} must be {expectation}, got {value!r}")
@@ -97,19 +104,32 @@ class DataConfig:
                 _fail(name, "true or false", getattr(self, name))
         if not _is_int(self.crop_padding) or self.crop_padding < 0:
             _fail("crop_padding", "an integer >= 0", self.crop_padding)
+        if self.crop_padding > MAX_SIDE:
+            _fail("crop_padding", f"at most {MAX_SIDE}", self.crop_padding)
         for name in ("image_size", "limit_train", "limit_val"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 _fail(name, "an integer >= 1 or null", value)
-        for name, low in (
-            ("synthetic_samples", 2),
-            ("synthetic_image_size", 1),
-            ("synthetic_classes", 2),
-            ("synthetic_channels", 1),
+        if self.image_size is not None and self.image_size > MAX_SIDE:
+            _fail("image_size", f"at most {MAX_SIDE}", self.image_size)
+        for name, low, high in (
+            ("synthetic_samples", 2, MAX_SYNTHETIC_BYTES),
+            ("synthetic_image_size", 1, MAX_SIDE),
+            ("synthetic_classes", 2, MAX_SYNTHETIC_BYTES),
+            ("synthetic_channels", 1, MAX_SIDE),
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 _fail(name, f"an integer >= {low}", value)
+            if value > high:
+                _fail(name, f"at most {high}", value)
+        size = self.synthetic_samples * self.synthetic_channels * self.synthetic_image_size**2
+        if self.name == "synthetic" and size > MAX_SYNTHETIC_BYTES:
+            raise ConfigError(
+                f"data.synthetic_samples x synthetic_channels x synthetic_image_size^2 is {size} "
+                f"bytes of images, more than the {MAX_SYNTHETIC_BYTES} a synthetic data set may "
+                "hold"
+            )
         if self.synthetic_samples < self.synthetic_classes:
             _fail(
                 "synthetic_samples",
@@ -125,6 +145,23 @@ class DataConfig:
         object.__setattr__(self, "val_split", float(v))  # NaN fails the range check above
 
 
+def split_data_spec(spec: str) -> tuple[str, str | None]:
+    """A ``--data`` value, ``NAME`` or ``NAME:PATH``, as ``(name, path or None)``.
+
+    Only the first ``:`` separates name from path. ConfigError naming ``--data`` when the name
+    or the path after ``:`` is empty; whether the name is a known source is checked by
+    :class:`DataConfig`.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--data must be NAME or NAME:PATH, got {spec!r}")
+    name, sep, path = spec.partition(":")
+    if not name.strip():
+        raise ConfigError(f"--data {spec!r} has no source name before ':' (use NAME or NAME:PATH)")
+    if sep and not path.strip():
+        raise ConfigError(f"--data {spec!r} has an empty path after ':' (use NAME or NAME:PATH)")
+    return name.strip(), path.strip() if sep else None
+
+
 def parse_data_spec(spec: str, **overrides: Any) -> DataConfig:
     """Parse a ``--data`` value: ``NAME`` or ``NAME:PATH``, plus field overrides.
 
@@ -132,12 +169,7 @@ def parse_data_spec(spec: str, **overrides: Any) -> DataConfig:
     ``"imagefolder:/some/dir"``. Only the first ``:`` separates name from path. Overrides whose
     value is None are ignored (the field keeps its default), so a CLI can pass every option.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--data must be NAME or NAME:PATH, got {spec!r}")
-    name, sep, path = spec.partition(":")
-    name = name.strip()
-    if sep and not path.strip():
-        raise ConfigError(f"--data {spec!r} has an empty path after ':' (use NAME or NAME:PATH)")
+    name, path = split_data_spec(spec)
     known = {f.name for f in fields(DataConfig)}
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - known)
@@ -147,9 +179,9 @@ def parse_data_spec(spec: str, **overrides: Any) -> DataConfig:
         )
     if "name" in given:
         raise ConfigError("give the data source name in the spec, not as an override")
-    if sep and "path" in given:
+    if path is not None and "path" in given:
         raise ConfigError(f"--data {spec!r} already names a path; do not also override data.path")
     kwargs: dict[str, Any] = {"name": name, **given}
-    if sep:
-        kwargs["path"] = path.strip()
+    if path is not None:
+        kwargs["path"] = path
     return DataConfig(**kwargs)

@@ -70,7 +70,7 @@ from normlab.config import (
     config_from_dict,
     flatten,
 )
-from normlab.data import DataConfig
+from normlab.data import DataConfig, split_data_spec
 from normlab.errors import ConfigError
 from normlab.study.layout import STUDY_FILE
 from normlab.yamlio import as_text, loads, read_yaml, read_yaml_mapping
@@ -295,10 +295,17 @@ def _overrides(value: Any, key: str, source: str | None) -> tuple[dict[str, Any]
     return flat, description, devices
 
 
+MAX_SEEDS = 10_000
+"""Most seeds a study may run (a larger count is a typo, not a study)."""
+
+
 def _seeds(value: Any, source: str | None) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise _fail(source, f"seeds must be a count >= 1 or a list of seeds, got {value!r}")
+        if not 1 <= value <= MAX_SEEDS:
+            raise _fail(
+                source,
+                f"seeds must be a count >= 1 (at most {MAX_SEEDS}) or a list of seeds, got {value!r}",
+            )
         return tuple(range(value))
     if isinstance(value, list | tuple) and value:
         seeds = []
@@ -633,7 +640,7 @@ def with_overrides(
     """
     base: dict[str, Any] = apply_overrides(spec.base, {})  # a deep copy
     if data is not None:
-        name, _, path = data.partition(":")
+        name, path = split_data_spec(data)
         old = base.get("data") or {}
         kept = {k: v for k, v in old.items() if k in _PORTABLE_DATA_KEYS}
         base["data"] = {**kept, "name": name, "path": path or None}
@@ -696,13 +703,12 @@ def builtin_names() -> list[str]:
 
 def builtin_text(name: str) -> str:
     """The YAML text of a built-in study; ConfigError listing the names when unknown."""
-    entry = _builtin_dir().joinpath(f"{name}.yaml")
-    if not entry.is_file():
+    if name not in builtin_names():  # not a path test: any string may come from the CLI
         raise ConfigError(
             f"unknown study '{name}'; built-in studies: {', '.join(builtin_names())} "
             "(or give a study YAML file or a study directory)"
         )
-    text: str = entry.read_text(encoding="utf-8")
+    text: str = _builtin_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return text
 
 
