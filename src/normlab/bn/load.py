@@ -300,13 +300,17 @@ def _run_model(
     summary = run.read_summary() or {}
     model = run.build_model(config, summary)
     if state is not None:
-        try:
-            model.load_state_dict(_strip_prefix(state))
-        except RuntimeError as exc:
-            raise DataError(
-                f"the checkpoint does not match the model of {run.config_path}: {str(exc).splitlines()[0]}"
-            ) from None
+        _load_into(model, state, f"the checkpoint does not match the model of {run.config_path}")
     return model, config, summary
+
+
+def _load_into(model: nn.Module, state: Mapping[str, Tensor], mismatch: str) -> None:
+    """Load ``state`` (DDP/compile prefixes removed) into ``model``; DataError ``mismatch: <the
+    first line of torch's complaint>`` when keys or shapes do not fit."""
+    try:
+        model.load_state_dict(_strip_prefix(state))
+    except RuntimeError as exc:
+        raise DataError(f"{mismatch}: {str(exc).splitlines()[0]}") from None
 
 
 def load_target(
@@ -331,12 +335,7 @@ def load_target(
             )
             if not _is_state_dict(state):
                 raise DataError(f"{weights}: not a state_dict (a mapping of names to tensors)")
-            try:
-                model.load_state_dict(_strip_prefix(state))
-            except RuntimeError as exc:
-                raise DataError(
-                    f"{weights} does not fit {spec}: {str(exc).splitlines()[0]}"
-                ) from None
+            _load_into(model, state, f"{weights} does not fit {spec}")
             target.path = Path(weights)
             target.state_key = None
         return target
