@@ -8,7 +8,8 @@ Layout, from the ground up; a package imports only those below it (enforced, fun
 imports included, by the import-linter contracts in ``pyproject.toml``, run by
 ``tests/test_layers.py``):
 
-* ``errors``, ``registry`` — the ground: user-facing exceptions; name -> object registries.
+* ``errors``, then ``registry`` and ``yamlio`` — the ground: user-facing exceptions; name ->
+  object registries; YAML read and written the one way (``1e-3`` is a number).
 * ``norms`` — normalization layers and the norm factory (``NormSpec``).
 * ``data`` — data sources, decoding, the cache, in-memory batched loading.
 * ``models`` — the architectures, built from a norm and a placement; LSUV.
