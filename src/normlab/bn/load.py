@@ -372,7 +372,7 @@ def load_target(
     if isinstance(obj, Mapping) and "model" in obj and _is_state_dict(obj["model"]):
         # a normlab checkpoint (or any {"model": state_dict, ...} file)
         state = obj["model"]
-        if arch is None and (path.parent / "config.yaml").is_file():
+        if arch is None and RunDir(path.parent).exists():
             return _run_target(spec, "checkpoint", path.parent, dict(obj), path)
         ckpt_epoch = obj.get("epoch")
         was_trained = int(ckpt_epoch) > 0 if isinstance(ckpt_epoch, int) else None

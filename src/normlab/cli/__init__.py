@@ -179,7 +179,6 @@ def _launch_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from normlab.config import load_yaml
     from normlab.store import RunDir
     from normlab.train import fit
     from normlab.train.setup import default_run_dir
@@ -194,8 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise NormlabError("--resume needs the run directory: --resume DIR or --out DIR --resume")
     config = None
     if resume and RunDir(out).exists():
-        saved = load_yaml(RunDir(out).config_path)
-        saved.pop("meta", None)
+        saved = RunDir(out).read_config_dict()
         config, explicit = build_train_config(args, base=saved)
         if not explicit:
             config = None

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 from normlab.config import TrainConfig
 from normlab.errors import ConfigError
 from normlab.registry import Registry
+from normlab.store import CONFIG, METRICS, SUMMARY, RunDir, atomic_write_text
 from normlab.study.layout import RUN_CONFIG, RUN_INFO, RUN_LOG
 from normlab.yamlio import dumps
 
@@ -156,8 +157,6 @@ def execute_run(task: RunTask, events: Any = None) -> RunOutcome:
     Output goes to ``<run_dir>/train.log``; the run's place in the study and its data sizes
     to ``<run_dir>/study_run.json``.
     """
-    from normlab.store import RunDir
-
     run_dir = Path(task.run_dir)
     config = task.config
     changes: dict[str, Any] = {"progress": "off"}
@@ -183,7 +182,6 @@ def execute_run(task: RunTask, events: Any = None) -> RunOutcome:
 
 
 def _fit(task: RunTask, config: TrainConfig, events: Any) -> Any:
-    from normlab.store import atomic_write_text
     from normlab.train import Callback, fit
 
     run_dir = Path(task.run_dir)
@@ -232,7 +230,6 @@ def _fit_devices(task: RunTask, config: TrainConfig, events: Any) -> tuple[str, 
     """Train ``task`` with ``normlab train --devices N`` in a subprocess (its own session, so
     that stopping it stops torchrun and every rank); returns (status, reason)."""
     from normlab.config import config_to_dict
-    from normlab.store import RunDir, atomic_write_text
 
     run_dir = Path(task.run_dir)
     per_rank = max(1, (task.threads or available_cores()) // task.devices)
@@ -522,7 +519,7 @@ def _ray_execute(task: RunTask) -> RunOutcome:
     share the workers' filesystem still gets config, metrics and summary (not checkpoints)."""
     outcome = execute_run(task)
     files: dict[str, bytes] = {}
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", RUN_INFO):
+    for name in (CONFIG, METRICS, SUMMARY, RUN_INFO):
         path = Path(task.run_dir) / name
         if path.is_file():
             files[name] = path.read_bytes()
