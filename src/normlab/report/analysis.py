@@ -3,6 +3,9 @@
 Only completed runs enter the accuracy statistics. A diverged run has no meaningful final
 accuracy; it is counted per arm and listed, and the report says when an arm lost seeds to
 divergence (excluding them flatters that arm). Comparisons pair runs by seed, within a group.
+
+The family whose error is controlled (:mod:`normlab.report.family`) is every final-epoch
+comparison; best-epoch comparisons are descriptive (:data:`TESTED`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from normlab.report.data import RunRecord, StudyData
-from normlab.report.stats import Comparison, Summary, compare, summarize
+from normlab.report.family import FamilyResult, Member, adjust
+from normlab.report.stats import (
+    Comparison,
+    Summary,
+    as_descriptive,
+    compare,
+    in_family,
+    summarize,
+)
 
 METRICS: dict[str, tuple[str, str]] = {
     # name -> (summary.json key, text)
@@ -24,6 +35,9 @@ METRICS: dict[str, tuple[str, str]] = {
         "best-epoch validation accuracy (optimistic: the epoch is picked on the validation set)",
     ),
 }
+TESTED = "final"
+"""The metric whose comparisons form the family the report controls; the others are descriptive
+(best-epoch accuracy picks its epoch on the validation set)."""
 
 
 @dataclass
@@ -65,6 +79,7 @@ class Analysis:
     study: StudyData
     arms: list[ArmStats]
     comparisons: list[GroupComparison]
+    family: FamilyResult | None = None
 
     def arm(self, group: str | None, variant: str) -> ArmStats:
         for a in self.arms:
@@ -141,7 +156,27 @@ def analyze(study: StudyData, *, seed: int = 0) -> Analysis:
                     seed=seed,
                 )
                 comparisons.append(GroupComparison(group, metric, c))
-    return Analysis(study=study, arms=arms, comparisons=comparisons)
+    family = _judge_family(arms, comparisons, seed=seed)
+    return Analysis(study=study, arms=arms, comparisons=comparisons, family=family)
+
+
+def _judge_family(
+    arms: list[ArmStats], comparisons: list[GroupComparison], *, seed: int
+) -> FamilyResult:
+    """Adjust the tested comparisons for their number (in place) and mark the rest
+    descriptive; returns the family's result."""
+    tested = [gc for gc in comparisons if gc.metric == TESTED]
+    values = {(a.group, a.variant): a.values[TESTED] for a in arms}
+    members = [Member(gc.group, gc.comparison.variant, gc.comparison.baseline) for gc in tested]
+    result = adjust(values, members, seed=seed)
+    size = sum(1 for p in result.adjusted if math.isfinite(p))
+    for gc, p_adj in zip(tested, result.adjusted, strict=True):
+        if math.isfinite(p_adj):
+            gc.comparison = in_family(gc.comparison, p_adj, size)
+    for gc in comparisons:
+        if gc.metric != TESTED:
+            gc.comparison = as_descriptive(gc.comparison)
+    return result
 
 
 def fmt_pct(x: float, digits: int = 2) -> str:

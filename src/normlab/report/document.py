@@ -11,6 +11,7 @@ from typing import Any
 from normlab.config import config_to_dict
 from normlab.report.analysis import Analysis, analyze
 from normlab.report.data import StudyData
+from normlab.report.family import N_RESAMPLES as FAMILY_RESAMPLES
 from normlab.report.figures import (
     across_groups,
     learning_curves,
@@ -65,12 +66,21 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "study"
 
 
+def _family_size(study: StudyData) -> str:
+    spec = study.spec
+    per_group = len(spec.variant_names) - 1 + len(spec.comparisons)
+    n = per_group * len(spec.group_names)
+    return f"{n} comparison" + ("s" if n != 1 else "")
+
+
 def methods_text(study: StudyData) -> list[str]:
     spec = study.spec
     lines = [
         f"Every arm ran with the same seeds ({', '.join(map(str, spec.seeds))}); a seed fixes "
-        "the data split, the initialisation and the batch order, so runs with the same seed "
-        "are paired.",
+        "the initialisation, the batch order and the augmentation, so runs with the same seed "
+        "are paired. The train/validation split is drawn once (with seed 0) for every run, so "
+        "every interval here covers training noise only, not the sampling of the validation "
+        "images.",
         f"Per arm: mean, sample standard deviation (ddof = 1) and {CONFIDENCE:.0%} t-interval "
         "over the completed runs. Final-epoch accuracy is the honest number; best-epoch "
         "accuracy picks the epoch on the validation set itself, so it is optimistic (the "
@@ -81,11 +91,20 @@ def methods_text(study: StudyData) -> list[str]:
         "two-sided sign-flip permutation test (exact over all 2^n sign flips for small n). "
         f"With n seeds its smallest possible p is 2/2^n: at least {min_seeds_for(ALPHA)} seeds "
         f"are needed to ever reach p < {ALPHA:g}.",
-        f"A difference is claimed only when p < {ALPHA:g} and both intervals exclude 0. "
-        "Otherwise the verdict is 'no detectable difference', which is not evidence of "
-        "equality: it says the seeds run cannot tell.",
+        "Family-wise error control: the family is every final-epoch comparison of this report "
+        f"({_family_size(study)}); best-epoch comparisons are descriptive and never claimed. "
+        "The p-values are adjusted by Westfall and Young's step-down minP procedure over "
+        "within-seed permutations of the arm labels (exact when the permutations are few, "
+        f"else {FAMILY_RESAMPLES} random ones): where no arm truly differs, the chance that "
+        f"this report claims any difference is at most {ALPHA:g}. The raw sign-flip p and the "
+        "adjusted p are both shown.",
+        f"A difference is claimed only when the adjusted p < {ALPHA:g} and both intervals "
+        "exclude 0. Otherwise the verdict is 'no detectable difference', which is not evidence "
+        "of equality: it says the seeds run cannot tell.",
         f"Seeds needed: n = ((z_(1-alpha/2) + z_power) * sd_diff / |diff|)^2 with alpha = "
-        f"{ALPHA:g} and power = {POWER:g} (normal approximation; assumes the observed gap is "
+        f"{ALPHA:g} divided by the family size (Bonferroni, more conservative than the "
+        f"procedure used) and power = {POWER:g} (normal approximation, not yet the exact power "
+        "of the sign-flip rule; assumes the observed gap is "
         "the true one and the sd of the paired differences stays as observed; both are "
         "uncertain with few seeds, and a t-based calculation adds about 2 seeds).",
         "One seed per arm: no seed-to-seed variance can be estimated and no difference can be "

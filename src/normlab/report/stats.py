@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -240,10 +240,20 @@ class Comparison:
     verdict: str
     alpha: float = ALPHA
     confidence: float = CONFIDENCE
+    # family-wise control (normlab.report.family): the adjusted p-value and the number of
+    # comparisons in the family; None / 1 for a comparison judged on its own
+    p_adjusted: float | None = None
+    family_size: int = 1
+    descriptive: bool = False  # reported, never claimed (not in the tested family)
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def decision_p(self) -> float:
+        """The p-value the claim rests on: family-wise adjusted when in a family."""
+        return self.p_value if self.p_adjusted is None else self.p_adjusted
 
 
 def _pts(x: float) -> str:
@@ -289,14 +299,6 @@ def compare(
         size = n_val if isinstance(n_val, int) else n_val.get(common[0])
         if size:
             binomial = two_proportions(float(b[0]), size, float(v[0]), size)
-    detected = bool(
-        n >= 2
-        and p < alpha
-        and all(math.isfinite(c) for c in (*t_ci, *boot))
-        and (t_ci[0] > 0 or t_ci[1] < 0)
-        and (boot[0] > 0 or boot[1] < 0)
-        and (t_ci[0] > 0) == (boot[0] > 0)
-    )
     needed = seeds_needed(diff, sd_diff, alpha, power) if n >= 2 else None
     comparison = Comparison(
         metric=metric,
@@ -315,7 +317,7 @@ def compare(
         losses=losses,
         seeds_needed=needed,
         binomial=binomial,
-        detected=detected,
+        detected=False,
         verdict="",
         alpha=alpha,
         confidence=confidence,
@@ -323,15 +325,60 @@ def compare(
     return _with_verdict(comparison, power)
 
 
-def _with_verdict(c: Comparison, power: float) -> Comparison:
-    from dataclasses import replace
+def _claimed(c: Comparison) -> bool:
+    """The study's rule: the decision p-value below alpha and both intervals excluding 0 on
+    the same side; never for a descriptive comparison."""
+    t_ci, boot = c.t_ci, c.bootstrap_ci
+    return bool(
+        not c.descriptive
+        and c.n >= 2
+        and c.decision_p < c.alpha
+        and all(math.isfinite(x) for x in (*t_ci, *boot))
+        and (t_ci[0] > 0 or t_ci[1] < 0)
+        and (boot[0] > 0 or boot[1] < 0)
+        and (t_ci[0] > 0) == (boot[0] > 0)
+    )
 
+
+def _with_verdict(c: Comparison, power: float) -> Comparison:
+    c = replace(c, detected=_claimed(c))
     return replace(c, verdict=verdict(c, power))
+
+
+def in_family(c: Comparison, p_adjusted: float, size: int, power: float = POWER) -> Comparison:
+    """``c`` judged as one of ``size`` comparisons whose family-wise error is controlled:
+    the claim rests on ``p_adjusted``, and seeds needed are estimated at ``alpha / size``."""
+    needed = seeds_needed(c.diff, c.sd_diff, c.alpha / size, power) if c.n >= 2 else None
+    return _with_verdict(
+        replace(c, p_adjusted=p_adjusted, family_size=size, seeds_needed=needed), power
+    )
+
+
+def as_descriptive(c: Comparison, power: float = POWER) -> Comparison:
+    """``c`` reported but outside the tested family: never claimed."""
+    return _with_verdict(replace(c, descriptive=True), power)
 
 
 def _direction(c: Comparison) -> tuple[str, int]:
     """("higher" | "lower", how many seeds agree with that direction) for the mean gap."""
     return ("higher", c.wins) if c.diff > 0 else ("lower", c.losses)
+
+
+def _p_text(c: Comparison, fmt: str) -> str:
+    """``sign-flip p = X``, and the family-wise adjusted p-value when ``c`` is in a family."""
+    text = f"sign-flip p = {format(c.p_value, fmt)}"
+    if c.p_adjusted is not None and c.family_size > 1:
+        text += (
+            f", adjusted for the {c.family_size} comparisons of this report "
+            f"p = {format(c.p_adjusted, fmt)}"
+        )
+    return text
+
+
+def _alpha_text(c: Comparison) -> str:
+    if c.family_size > 1:
+        return f"alpha = {c.alpha:g}/{c.family_size} for the family, normal approximation"
+    return f"alpha = {c.alpha:g}"
 
 
 MANY_SEEDS = 1000
@@ -373,12 +420,19 @@ def verdict(c: Comparison, power: float = POWER) -> str:
         return text + f". Run at least {need_min} seeds per arm to compare them."
     if c.sd_diff == 0 and c.diff == 0:
         return f"no difference: identical {c.metric} on all {seeds}"
+    if c.descriptive:
+        direction, agree = _direction(c)
+        return (
+            f"descriptive, not tested (the best epoch is picked on the validation set, so this "
+            f"comparison is outside the family the report controls): {c.variant} is "
+            f"{direction} by {gap}, {agree}/{n} seeds agree, raw sign-flip p = {c.p_value:.2g}"
+        )
     if c.detected:
         direction, agree = _direction(c)
         return (
             f"{c.variant} is {direction} than {c.baseline} by {gap} "
             f"({agree}/{n} seeds agree; paired {c.confidence:.0%} CI {_signed(c.t_ci[0])} to "
-            f"{_signed(c.t_ci[1])} points; sign-flip p = {c.p_value:.3g})"
+            f"{_signed(c.t_ci[1])} points; {_p_text(c, '.3g')})"
         )
     lo, hi = c.t_ci
     if math.isfinite(lo) and math.isfinite(hi) and (lo > 0 or hi < 0):
@@ -400,8 +454,8 @@ def verdict(c: Comparison, power: float = POWER) -> str:
         else:
             more = max(c.seeds_needed or 0, 2 * n)
             parts.append(
-                f"; but the sign-flip test gives p = {c.p_value:.2g} (needs < {c.alpha:g}), so "
-                f"it is borderline: about {more} seeds would settle it"
+                f"; but {_p_text(c, '.2g')} (the claim needs < {c.alpha:g}), so it is "
+                f"borderline: about {more} seeds would settle it"
             )
         return "".join(parts)
     parts = [f"no detectable difference with {seeds}: the observed gap, {gap}"]
@@ -413,7 +467,7 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     else:
         parts.append(
             f", is not consistent enough across seeds to rule out noise (sd of the paired "
-            f"differences {_pts(c.sd_diff)} points; sign-flip p = {c.p_value:.2g})"
+            f"differences {_pts(c.sd_diff)} points; {_p_text(c, '.2g')})"
         )
     if c.p_min >= c.alpha:
         parts.append(
@@ -430,7 +484,7 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     elif c.seeds_needed > n:
         parts.append(
             f"; about {c.seeds_needed} seeds would be needed to detect a gap this size "
-            f"({int(power * 100)}% power, alpha = {c.alpha:g}, if the spread stays as observed)"
+            f"({int(power * 100)}% power, {_alpha_text(c)}, if the spread stays as observed)"
         )
     else:
         parts.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from normlab.report.analysis import Analysis, ArmStats, fmt_num, fmt_pct
-from normlab.report.stats import Summary
+from normlab.report.stats import Comparison, Summary
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -68,6 +68,7 @@ def comparisons_table(analysis: Analysis) -> Table:
         "paired t 95% CI",
         "bootstrap 95% CI",
         "sign-flip p",
+        "adjusted p",
         "verdict",
     ]
     rows = []
@@ -91,10 +92,19 @@ def comparisons_table(analysis: Analysis) -> Table:
                 ci(c.t_ci),
                 ci(c.bootstrap_ci),
                 "–" if not math.isfinite(c.p_value) else f"{c.p_value:.3g}",
+                _adjusted(c),
                 c.verdict,
             ]
         )
     return headers, rows
+
+
+def _adjusted(c: Comparison) -> str:
+    if c.descriptive:
+        return "not tested"
+    if c.p_adjusted is None or not math.isfinite(c.p_adjusted):
+        return "–"
+    return f"{c.p_adjusted:.3g}"
 
 
 def timing_table(analysis: Analysis) -> Table:
