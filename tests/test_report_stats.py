@@ -39,7 +39,8 @@ def test_summary_matches_the_closed_form_t_interval():
     assert one.n == 1 and one.mean == 0.5 and math.isnan(one.sd) and math.isnan(one.ci_low)
     assert summarize([]).n == 0 and math.isnan(summarize([]).mean)
     flat = summarize([0.3, 0.3, 0.3])
-    assert flat.sd == 0 and (flat.ci_low, flat.ci_high) == (0.3, 0.3)
+    # no spread: no interval (issue 12: a zero-width interval claims a precision seeds cannot give)
+    assert flat.sd == 0 and flat.constant and math.isnan(flat.ci_low) and math.isnan(flat.ci_high)
     assert summarize([0.2, float("nan"), None, 0.4]).n == 2  # type: ignore[list-item]
 
 
@@ -86,7 +87,8 @@ def test_intervals_match_scipy_called_directly():
         rng=np.random.default_rng(0),
     ).confidence_interval
     assert paired_bootstrap_ci(v, b) == pytest.approx((ref.low, ref.high), rel=1e-12)
-    assert paired_bootstrap_ci([0.6, 0.7], [0.5, 0.6]) == pytest.approx((0.1, 0.1))
+    # equal differences on every pair: no spread, no interval (not a zero-width one)
+    assert all(math.isnan(x) for x in paired_bootstrap_ci([0.6, 0.7], [0.5, 0.6]))
     assert all(math.isnan(x) for x in paired_bootstrap_ci([0.6], [0.5]))
 
 
@@ -212,3 +214,23 @@ def test_a_negligible_gap_does_not_quote_a_huge_seed_count():
     assert not c.detected and c.seeds_needed is not None and c.seeds_needed > 1000
     assert "more than 1,000 seeds would be needed" in c.verdict
     assert str(c.seeds_needed) not in c.verdict
+
+
+def test_a_verdict_writes_differences_in_the_metrics_own_unit():
+    from normlab.report.stats import Unit
+
+    base = {s: 0.020 + 0.001 * s for s in range(8)}
+    shifted = {s: v + 0.015 + 0.0005 * (s % 3) for s, v in base.items()}
+    shift = compare(base, shifted, metric="estimation shift", names=("bn", "xbn"), unit=Unit(""))
+    assert shift.detected and shift.verdict.startswith("xbn is higher than bn by 0.0154 (8/8")
+    assert "points" not in shift.verdict
+    acc = compare(base, shifted, names=("bn", "xbn"))  # accuracies: points
+    assert acc.verdict.startswith("xbn is higher than bn by 1.5 points")
+
+
+def test_a_constant_gap_gets_no_zero_width_interval():
+    b = {s: 0.40 + 0.01 * s for s in range(6)}
+    v = {s: x + 0.05 for s, x in b.items()}  # exactly 5 points better on every seed
+    c = compare(b, v, names=("bn", "gn"))
+    assert math.isnan(c.t_ci[0]) and math.isnan(c.bootstrap_ci[0]) and not c.detected
+    assert c.verdict.startswith("not claimed: gn is higher by exactly 5.0 points on every one")

@@ -2,8 +2,12 @@
 
 Conventions:
 
-* Accuracies are fractions in [0, 1]; differences are reported in *points* (percentage
-  points, 100 x the fraction) and are ``variant - baseline``.
+* Differences are ``variant - baseline`` in the metric's own unit (:class:`Unit`): accuracies
+  are fractions in [0, 1] reported in *points* (percentage points, 100 x the fraction); any
+  other metric (an estimation shift, a loss) is reported as it is, never called "points".
+* No spread, no interval: an arm whose seeds all give the same value, or a comparison whose
+  paired differences are all equal, gets no interval (NaN) and says so, instead of an
+  interval of width 0 that would claim a precision the seeds cannot give.
 * Standard deviations are sample standard deviations (``ddof=1``); confidence intervals are
   two-sided at ``confidence`` (0.95).
 * Per variant: the mean over seeds with a t-interval (``scipy.stats.t.interval``; assumes the
@@ -54,8 +58,29 @@ N_RESAMPLES = 9999
 
 
 @dataclass(frozen=True)
+class Unit:
+    """How a metric's differences are written: ``scale`` times the value, then ``name``."""
+
+    name: str  # "points", or the metric's own unit ("" when it has none)
+    scale: float = 1.0
+    digits: str = ".3g"  # format of one amount
+
+    def amount(self, x: float, signed: bool = False) -> str:
+        return format(self.scale * x, ("+" if signed else "") + self.digits)
+
+    def text(self, x: float, signed: bool = False) -> str:
+        """``x`` with its unit: ``2.1 points``, ``+0.015``."""
+        return f"{self.amount(x, signed)} {self.name}".rstrip()
+
+
+POINTS = Unit("points", 100.0, ".1f")
+"""Accuracies (fractions in [0, 1]) in percentage points."""
+
+
+@dataclass(frozen=True)
 class Summary:
-    """Mean, sd and t-interval of one quantity over seeds (NaN where n is too small)."""
+    """Mean, sd and t-interval of one quantity over seeds (NaN where n is too small, and
+    where every seed gives the same value: ``constant``)."""
 
     n: int
     mean: float
@@ -63,13 +88,14 @@ class Summary:
     ci_low: float
     ci_high: float
     confidence: float = CONFIDENCE
+    constant: bool = False  # n >= 2 equal values: no spread, so no interval
 
 
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary:
     """Mean, sample sd (ddof=1) and the t-interval of the mean of ``values``.
 
-    n = 0: all NaN. n = 1: the mean only (no spread can be estimated). Zero spread: the
-    interval is the mean itself.
+    n = 0: all NaN. n = 1: the mean only (no spread can be estimated). Zero spread (every
+    value equal): no interval either, and ``constant`` says why.
     """
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(x.size)
@@ -81,7 +107,7 @@ def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summar
         return Summary(1, mean, nan, nan, nan, confidence)
     sd = float(x.std(ddof=1))
     if sd == 0.0:
-        return Summary(n, mean, 0.0, mean, mean, confidence)
+        return Summary(n, mean, 0.0, nan, nan, confidence, constant=True)
     low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
     return Summary(n, mean, sd, float(low), float(high), confidence)
 
@@ -144,15 +170,13 @@ def sign_flip_p(
 def _paired(
     variant: Sequence[float] | Any, baseline: Sequence[float] | Any
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
-    """Both samples as float64 arrays, and the interval when no estimate is needed: NaN below
-    two pairs, the point itself when every paired difference is equal."""
+    """Both samples as float64 arrays, and the interval when none can be estimated: NaN below
+    two pairs, and NaN when every paired difference is equal (no spread to estimate from)."""
     x = np.asarray(variant, dtype=np.float64)
     y = np.asarray(baseline, dtype=np.float64)
     d = x - y
-    if d.size < 2:
+    if d.size < 2 or np.all(d == d[0]):
         return x, y, (float("nan"), float("nan"))
-    if np.all(d == d[0]):
-        return x, y, (float(d[0]), float(d[0]))
     return x, y, None
 
 
@@ -165,7 +189,7 @@ def paired_bootstrap_ci(
     seed: int = 0,
 ) -> tuple[float, float]:
     """BCa bootstrap interval of the mean paired difference (scipy's ``bootstrap`` with
-    ``paired=True``); the point itself when every difference is equal; NaN below 2 pairs."""
+    ``paired=True``); NaN below 2 pairs and when every difference is equal."""
     x, y, settled = _paired(variant, baseline)
     if settled is not None:
         return settled
@@ -245,6 +269,7 @@ class Comparison:
     p_adjusted: float | None = None
     family_size: int = 1
     descriptive: bool = False  # reported, never claimed (not in the tested family)
+    unit: Unit = POINTS  # how differences are written (points for accuracies)
 
     @property
     def n(self) -> int:
@@ -254,14 +279,6 @@ class Comparison:
     def decision_p(self) -> float:
         """The p-value the claim rests on: family-wise adjusted when in a family."""
         return self.p_value if self.p_adjusted is None else self.p_adjusted
-
-
-def _pts(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def _signed(x: float) -> str:
-    return f"{100 * x:+.1f}"
 
 
 def compare(
@@ -276,8 +293,11 @@ def compare(
     confidence: float = CONFIDENCE,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
+    unit: Unit = POINTS,
 ) -> Comparison:
     """Compare ``variant`` with ``baseline`` (each: seed -> value) on their common seeds.
+
+    ``unit``: how the verdict writes differences (:data:`POINTS` for accuracies in [0, 1]).
 
     ``n_val``: the validation-set size (or seed -> size), for the binomial view of a single
     pair of runs. The verdict never declares a difference on noise (module docstring).
@@ -321,6 +341,7 @@ def compare(
         verdict="",
         alpha=alpha,
         confidence=confidence,
+        unit=unit,
     )
     return _with_verdict(comparison, power)
 
@@ -390,14 +411,15 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     """A plain-language verdict for ``c`` (see the module docstring for the rules)."""
     n, need_min = c.n, min_seeds_for(c.alpha)
     seeds = f"{n} seed" + ("s" if n != 1 else "")
-    gap = f"{_pts(abs(c.diff))} points"
+    u = c.unit
+    gap = u.text(abs(c.diff))
     if n == 0:
         return "not compared: no seed finished in both arms"
     if n == 1:
         text = (
             f"no detectable difference with 1 seed: one run per arm gives no estimate of the "
-            f"seed-to-seed variation, so a gap of {gap} ({c.variant} {_pts(c.variant_mean)} vs "
-            f"{c.baseline} {_pts(c.baseline_mean)}) cannot be told from noise"
+            f"seed-to-seed variation, so a gap of {gap} ({c.variant} {u.amount(c.variant_mean)} vs "
+            f"{c.baseline} {u.amount(c.baseline_mean)}) cannot be told from noise"
         )
         if c.binomial is not None:
             bn = c.binomial
@@ -420,6 +442,14 @@ def verdict(c: Comparison, power: float = POWER) -> str:
         return text + f". Run at least {need_min} seeds per arm to compare them."
     if c.sd_diff == 0 and c.diff == 0:
         return f"no difference: identical {c.metric} on all {seeds}"
+    if c.sd_diff == 0:
+        direction, _ = _direction(c)
+        return (
+            f"not claimed: {c.variant} is {direction} by exactly {gap} on every one of the "
+            f"{seeds}, so the seeds show no spread to estimate an interval from (such a "
+            f"constant gap usually means a deterministic effect or a broken arm: check the "
+            f"runs); {_p_text(c, '.2g')}"
+        )
     if c.descriptive:
         direction, agree = _direction(c)
         return (
@@ -431,8 +461,8 @@ def verdict(c: Comparison, power: float = POWER) -> str:
         direction, agree = _direction(c)
         return (
             f"{c.variant} is {direction} than {c.baseline} by {gap} "
-            f"({agree}/{n} seeds agree; paired {c.confidence:.0%} CI {_signed(c.t_ci[0])} to "
-            f"{_signed(c.t_ci[1])} points; {_p_text(c, '.3g')})"
+            f"({agree}/{n} seeds agree; paired {c.confidence:.0%} CI {u.amount(c.t_ci[0], True)} to "
+            f"{u.text(c.t_ci[1], True)}; {_p_text(c, '.3g')})"
         )
     lo, hi = c.t_ci
     if math.isfinite(lo) and math.isfinite(hi) and (lo > 0 or hi < 0):
@@ -442,7 +472,7 @@ def verdict(c: Comparison, power: float = POWER) -> str:
         parts = [
             f"no detectable difference with {seeds} by the study's rule, though the gap is "
             f"consistent: {c.variant} is {direction} by {gap}, {agree}/{n} seeds agree and the "
-            f"paired {c.confidence:.0%} t-interval, {_signed(lo)} to {_signed(hi)} points, "
+            f"paired {c.confidence:.0%} t-interval, {u.amount(lo, True)} to {u.text(hi, True)}, "
             "excludes 0"
         ]
         if c.p_min >= c.alpha:
@@ -462,12 +492,12 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     if c.sd_diff > 0 and abs(c.diff) < c.sd_diff:
         parts.append(
             f", is smaller than the seed-to-seed spread (sd of the paired differences "
-            f"{_pts(c.sd_diff)} points)"
+            f"{u.text(c.sd_diff)})"
         )
     else:
         parts.append(
             f", is not consistent enough across seeds to rule out noise (sd of the paired "
-            f"differences {_pts(c.sd_diff)} points; {_p_text(c, '.2g')})"
+            f"differences {u.text(c.sd_diff)}; {_p_text(c, '.2g')})"
         )
     if c.p_min >= c.alpha:
         parts.append(

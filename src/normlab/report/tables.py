@@ -19,6 +19,8 @@ def _mean_sd(s: Summary) -> str:
 
 
 def _ci(s: Summary) -> str:
+    if s.constant:
+        return f"none: all {s.n} seeds equal"
     if s.n < 2 or not math.isfinite(s.ci_low):
         return "–"
     return f"[{fmt_pct(s.ci_low)}, {fmt_pct(s.ci_high)}]"
