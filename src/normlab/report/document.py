@@ -101,12 +101,12 @@ def methods_text(study: StudyData) -> list[str]:
         f"A difference is claimed only when the adjusted p < {ALPHA:g} and both intervals "
         "exclude 0. Otherwise the verdict is 'no detectable difference', which is not evidence "
         "of equality: it says the seeds run cannot tell.",
-        f"Seeds needed: n = ((z_(1-alpha/2) + z_power) * sd_diff / |diff|)^2 with alpha = "
-        f"{ALPHA:g} divided by the family size (Bonferroni, more conservative than the "
-        f"procedure used) and power = {POWER:g} (normal approximation, not yet the exact power "
-        "of the sign-flip rule; assumes the observed gap is "
-        "the true one and the sd of the paired differences stays as observed; both are "
-        "uncertain with few seeds, and a t-based calculation adds about 2 seeds).",
+        f"Seeds needed: the fewest seeds with which this rule would claim the observed gap "
+        f"{POWER:.0%} of the time if it were real, with the sd of the paired differences as "
+        "observed (both uncertain with few seeds): up to 12 seeds by simulating the exact "
+        "sign-flip test and the paired t-interval, beyond that from the noncentral t "
+        f"distribution, at level {ALPHA:g} divided by the family size (Bonferroni, which the "
+        "step-down procedure used is never stricter than, so the figure is enough for it).",
         "One seed per arm: no seed-to-seed variance can be estimated and no difference can be "
         "detected. The binomial view (Fisher's exact test on correct/incorrect validation "
         "counts) then shows whether the gap exceeds even the sampling noise of the validation "

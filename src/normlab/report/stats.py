@@ -28,10 +28,11 @@ Conventions:
   of 3 seeds, or a borderline sign-flip p), the verdict says the gap is consistent and what
   keeps it from being claimed (too few seeds for the sign-flip test, or its p-value), instead
   of calling it noise.
-* Seeds needed (power analysis, normal approximation): ``n = ((z_{1-alpha/2} + z_{power}) *
-  sd_diff / |diff|)^2``, rounded up, at least the smallest n whose sign-flip test can reach
-  ``alpha``. Assumes the observed gap is the true one and the sd of the paired differences
-  stays as observed (both are uncertain with few seeds; a t-based calculation adds ~2 seeds).
+* Seeds needed: for the rule actually used (:func:`normlab.report.power.seeds_for_rule`: the
+  sign-flip test at the family's level and the t-interval, simulated up to 12 seeds, noncentral
+  t beyond). Assumes the observed gap is the true one and the sd of the paired differences
+  stays as observed (both are uncertain with few seeds). :func:`seeds_needed` keeps the normal
+  approximation, which is optimistic at small n.
 * One seed per arm: no seed-to-seed variance can be estimated, so no difference can be
   detected, and the verdict says so. When the validation-set size is known, the binomial view
   is added: Fisher's exact test on the two correct/incorrect counts
@@ -50,6 +51,8 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from normlab.report.power import seeds_for_rule
 
 ALPHA = 0.05
 POWER = 0.8
@@ -319,7 +322,11 @@ def compare(
         size = n_val if isinstance(n_val, int) else n_val.get(common[0])
         if size:
             binomial = two_proportions(float(b[0]), size, float(v[0]), size)
-    needed = seeds_needed(diff, sd_diff, alpha, power) if n >= 2 else None
+    needed = (
+        seeds_for_rule(diff, sd_diff, alpha=alpha, power=power, confidence=confidence)
+        if n >= 2
+        else None
+    )
     comparison = Comparison(
         metric=metric,
         baseline=names[0],
@@ -368,8 +375,20 @@ def _with_verdict(c: Comparison, power: float) -> Comparison:
 
 def in_family(c: Comparison, p_adjusted: float, size: int, power: float = POWER) -> Comparison:
     """``c`` judged as one of ``size`` comparisons whose family-wise error is controlled:
-    the claim rests on ``p_adjusted``, and seeds needed are estimated at ``alpha / size``."""
-    needed = seeds_needed(c.diff, c.sd_diff, c.alpha / size, power) if c.n >= 2 else None
+    the claim rests on ``p_adjusted``, and seeds needed are those of the rule for a family of
+    ``size`` (:func:`normlab.report.power.seeds_for_rule`)."""
+    needed = (
+        seeds_for_rule(
+            c.diff,
+            c.sd_diff,
+            family_size=size,
+            alpha=c.alpha,
+            power=power,
+            confidence=c.confidence,
+        )
+        if c.n >= 2
+        else None
+    )
     return _with_verdict(
         replace(c, p_adjusted=p_adjusted, family_size=size, seeds_needed=needed), power
     )
@@ -398,7 +417,7 @@ def _p_text(c: Comparison, fmt: str) -> str:
 
 def _alpha_text(c: Comparison) -> str:
     if c.family_size > 1:
-        return f"alpha = {c.alpha:g}/{c.family_size} for the family, normal approximation"
+        return f"alpha = {c.alpha:g} over a family of {c.family_size}"
     return f"alpha = {c.alpha:g}"
 
 
@@ -482,11 +501,14 @@ def verdict(c: Comparison, power: float = POWER) -> str:
                 "settle it"
             )
         else:
-            more = max(c.seeds_needed or 0, 2 * n)
             parts.append(
-                f"; but {_p_text(c, '.2g')} (the claim needs < {c.alpha:g}), so it is "
-                f"borderline: about {more} seeds would settle it"
+                f"; but {_p_text(c, '.2g')} (the claim needs < {c.alpha:g}), so it is borderline"
             )
+            if c.seeds_needed is not None and c.seeds_needed <= MANY_SEEDS:
+                parts.append(
+                    f": about {c.seeds_needed} seeds would claim a gap this size "
+                    f"{int(power * 100)}% of the time under this rule, if it is real"
+                )
         return "".join(parts)
     parts = [f"no detectable difference with {seeds}: the observed gap, {gap}"]
     if c.sd_diff > 0 and abs(c.diff) < c.sd_diff:
@@ -514,7 +536,8 @@ def verdict(c: Comparison, power: float = POWER) -> str:
     elif c.seeds_needed > n:
         parts.append(
             f"; about {c.seeds_needed} seeds would be needed to detect a gap this size "
-            f"({int(power * 100)}% power, {_alpha_text(c)}, if the spread stays as observed)"
+            f"({int(power * 100)}% power under this report's rule, {_alpha_text(c)}, if the "
+            "spread stays as observed)"
         )
     else:
         parts.append(
