@@ -19,6 +19,7 @@ from normlab.errors import ConfigError, DataError
 from normlab.report.analysis import analyze
 from normlab.report.compare import (
     MAX_VALUE,
+    arms_table,
     compare_table,
     load_table,
     render_html,
@@ -459,7 +460,7 @@ def test_output_paths_are_checked_before_anything_is_written(tmp_path, capsys):
 # ---- the formats -----------------------------------------------------------------------------
 
 GROUPED = "group,metric,arm,seed,value\n" + "".join(
-    f"{g},{m},{a},{s},{base + (0.02 if a == 'gn' else 0.0) + 0.003 * ((s + 1) * (ord(a[0]) % 7 + 2) % 7)}\n"
+    f"{g},{m},{a},{s},{base + (0.02 if a == 'gn' else 0.0) + 0.003 * ((s + 1) * (ord(a[0]) % 7 + 1) % 7)}\n"
     for g in ("cifar", "svhn")
     for m, base in (("acc", 0.8), ("loss", 0.6))
     for a in ("bn", "gn", "ln")
@@ -515,6 +516,7 @@ def test_json_parses_and_holds_every_number(tmp_path, capsys):
         s.summary.sd,
         [s.summary.ci_low, s.summary.ci_high],
     )
+    assert all(a["sd"] > 0 for a in doc["per_arm"])  # every arm varies: every number is real
 
 
 def test_json_has_no_nan(tmp_path):
@@ -582,3 +584,10 @@ def test_rows_from_python_are_checked_alike():
         compare_table(rows)
     rows[0]["value"] = 2.0
     assert compare_table(rows, pairs="a:b").pairs == (("a", "b"),)  # one pair, given alone
+
+
+def test_an_arm_without_spread_gets_no_interval(tmp_path):
+    result = compare_table(table(tmp_path, "arm,seed,value\na,0,1\na,1,1\nb,0,1\nb,1,2\n"))
+    headers, rows = arms_table(result)
+    assert headers[-1] == "95% CI"
+    assert [row[-1] for row in rows] == ["none: all 2 seeds equal", "[-4.853, 7.853]"]

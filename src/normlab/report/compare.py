@@ -604,7 +604,7 @@ def arms_table(r: CompareResult) -> Table:
                 a.arm + (" (baseline)" if a.arm == r.baseline else ""),
                 str(s.n),
                 _num(s.mean) + ("" if s.n < 2 else f" ± {_num(s.sd)}"),
-                "–" if s.n < 2 else f"[{_num(s.ci_low)}, {_num(s.ci_high)}]",
+                _interval(s),
             ]
         )
     return headers, rows
@@ -613,6 +613,14 @@ def arms_table(r: CompareResult) -> Table:
 def comparisons_table(r: CompareResult) -> Table:
     """The study report's comparisons table (:func:`normlab.report.tables.verdict_table`)."""
     return verdict_table(r.comparisons, pairs=bool(r.pairs))
+
+
+def _interval(s: Summary) -> str:
+    if s.n < 2:
+        return "–"
+    if s.sd == 0:  # no spread: an interval of width 0 would claim a precision seeds cannot give
+        return f"none: all {s.n} seeds equal"
+    return f"[{_num(s.ci_low)}, {_num(s.ci_high)}]"
 
 
 def _num(x: float) -> str:
