@@ -12,7 +12,9 @@ without touching this file. Each argument gets values by what it is, read from t
   named ``.pt``/``.onnx``/``.keras``/``.h5``/``.safetensors``, YAML that is empty, a list, a
   scalar, broken or binary, unknown and unbuildable ``module:callable`` names (``torch.nn:Linear``,
   ``os:system``, ...), a corrupt run directory, and a few tiny valid targets (a run directory,
-  a state_dict, a pickled module, ``normlab:resnet20``); outputs (``DIR``, ``OUT``, ``PATH``)
+  a state_dict, a pickled module, ``normlab:resnet20``); long tables (``FILE.csv``) get empty,
+  binary, headless, malformed and contradictory CSVs and a few valid ones, with arm names and
+  ``VARIANT:REFERENCE`` pairs known and unknown; outputs (``DIR``, ``OUT``, ``PATH``)
   get existing files where a directory is needed and vice versa, paths under a file, and
   ``/proc`` paths nothing can create; ``--data``, ``--set``, ``--probe``, ``--input-shape``,
   ``--seeds`` get malformed and unknown values; any other string gets unknown names, empty and
@@ -144,6 +146,34 @@ def _make_files(root: Path) -> dict[str, str]:
     for child in run.iterdir():
         (bad_config / child.name).write_bytes(child.read_bytes())
     (bad_config / "config.yaml").write_bytes(noise(80))
+    # long tables for `compare`: the valid ones have arms bn, gn, ln and seeds 0-3
+    runs = "arm,seed,value\n" + "".join(
+        f"{a},{s},{0.9 + 0.01 * i + 0.003 * ((s * 5 + i) % 4)}\n"
+        for i, a in enumerate(("bn", "gn", "ln"))
+        for s in range(4)
+    )
+    tables = {
+        "runs.csv": runs,
+        "grouped.csv": "group,metric,arm,seed,value\n"
+        + "".join(f"g{g},m{m},{row}\n" for g in (1, 2) for m in (1, 2) for row in runs.split()[1:]),
+        "missing-seed.csv": runs + "gn,7,0.5\n",
+        "empty.csv": "",
+        "header-only.csv": "arm,seed,value\n",
+        "wrong-columns.csv": "run,acc\nx,1\n",
+        "tabs.csv": "arm\tseed\tvalue\nbn\t0\t1\n",
+        "one-arm.csv": "arm,seed,value\nbn,0,1\nbn,1,2\n",
+        "bad-value.csv": runs + "bn,9,abc\n",
+        "bad-seed.csv": runs + "bn,1.5,0.9\n",
+        "duplicate.csv": runs + "bn,0,0.9\n",
+        "disjoint.csv": "arm,seed,value\nbn,0,1\nbn,1,2\ngn,5,1\ngn,6,2\n",
+        "extreme.csv": "arm,seed,value\nbn,0,1e99\nbn,1,-1e99\ngn,0,-1e99\ngn,1,1e99\n",
+        "ragged.csv": 'arm,seed,value\nbn,0,0,9\n"gn,1\n',
+    }
+    for name, text in tables.items():
+        (root / name).write_text(text)
+        out[name] = str(root / name)
+    (root / "noise.csv").write_bytes(noise(120))
+    out["noise.csv"] = str(root / "noise.csv")
     study = root / "bad-study"
     study.mkdir()
     (study / "study.yaml").write_bytes(noise(80))
@@ -230,6 +260,11 @@ def _pools(f: dict[str, str], root: Path) -> Pools:
         overlong,
     ]
     names = ["bogus", "", "NONE", "x" * 300, "nan", "1e-3", "../../etc/passwd", "a:b", "=", ","]
+    bad_tables = [
+        "noise.csv", "empty.csv", "header-only.csv", "wrong-columns.csv", "tabs.csv",
+        "one-arm.csv", "bad-value.csv", "bad-seed.csv", "duplicate.csv", "disjoint.csv",
+        "extreme.csv", "ragged.csv",
+    ]  # fmt: skip
     hostile = {
         "target": inputs + callables,
         "torch_file": inputs,
@@ -280,6 +315,10 @@ def _pools(f: dict[str, str], root: Path) -> Pools:
         "probes": ["bogus", "shift:batches=abc", ",,", "shift:nosuch=1"],
         "count": ["0", "-1", HUGE, "a", ",", "1,1", f"0,{HUGE}", "-1,2"],
         "name": names,
+        "csv_file": [missing, overlong, f["adir"], f["somefile"], f["text.pt"]]
+        + [f[name] for name in bad_tables],
+        "arm": [*names, "BN", "bn "],
+        "pair": [*names, "bn:bn", "gn:bn", "gn:bogus", "gn", ":", "gn:ln:bn", "::"],
         "int": ["-1", "0", HUGE, str(2**63), f"-{HUGE}", "abc", "1.5", "", "nan"],
         "float": ["-1", "1e30", HUGE, "nan", "inf", "-inf", "abc", ""],
     }
@@ -296,6 +335,9 @@ def _pools(f: dict[str, str], root: Path) -> Pools:
         "shape": ["3,8,8", "3x8x8", "3,16,16"],
         "probes": ["weights", "bn", "shift:batches=2"],
         "count": ["1", "3", "0,1"],
+        "csv_file": [f["runs.csv"], f["grouped.csv"], f["missing-seed.csv"]],
+        "arm": ["bn", "gn", "ln"],
+        "pair": ["gn:ln", "ln:gn", "bn:gn"],
         "int": ["1", "2", "3", "8"],
         "float": ["0", "0.001", "0.5"],
     }
@@ -316,6 +358,9 @@ KIND_BY_METAVAR = {
     "FILE": "torch_file",
     "FILE.yaml": "yaml_file",
     "NAME|FILE|DIR": "study",
+    "FILE.csv": "csv_file",
+    "ARM": "arm",
+    "VARIANT:REFERENCE": "pair",
     "STUDY_DIR": "study_dir",
     "DIR": "out_dir",
     "OUT": "out_file",
@@ -492,7 +537,9 @@ def test_parser_kinds_are_known() -> None:
                     action.metavar,
                 )
     writers = {c.name for c in COMMANDS if c.outputs}
-    assert writers == {"convert", "export", "fold", "recalibrate", "report", "study", "train"}
+    assert writers == {
+        "compare", "convert", "export", "fold", "recalibrate", "report", "study", "train"
+    }  # fmt: skip
 
 
 @settings(

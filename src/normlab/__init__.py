@@ -1,7 +1,8 @@
 """normlab: rigorous experiments on normalization in CNNs, and a BatchNorm toolbox.
 
 The Python API mirrors the command line: ``build_model`` builds any registered network with
-any normalization and placement, ``fit`` trains a :class:`TrainConfig` into a run directory.
+any normalization and placement, ``fit`` trains a :class:`TrainConfig` into a run directory,
+``compare`` judges a long table of runs from any framework by a study report's rule.
 Submodules are imported lazily so that ``import normlab`` stays cheap.
 
 Layout, from the ground up; a package imports only those below it (enforced, function-level
@@ -43,9 +44,10 @@ _LAZY = {
     "build_model": ("normlab.models", "build_model"),
     "fit": ("normlab.train", "fit"),
     "TrainConfig": ("normlab.config", "TrainConfig"),
+    "compare": ("normlab.report.compare", "compare_table"),
 }
 
-__all__ = ["TrainConfig", "__version__", "build_model", "fit"]
+__all__ = ["TrainConfig", "__version__", "build_model", "compare", "fit"]
 
 
 def __getattr__(name: str) -> Any:

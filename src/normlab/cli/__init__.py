@@ -233,12 +233,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Handler]:
-    """The study and BN-toolbox subcommands: each module defines ``register(sub) -> dict[str,
-    Handler]`` adding its parsers to ``sub`` (they import their features only when run)."""
-    from normlab.cli import bn, study
+    """The study, compare and BN-toolbox subcommands: each module defines ``register(sub) ->
+    dict[str, Handler]`` adding its parsers to ``sub`` (they import their features only when
+    run)."""
+    from normlab.cli import bn, compare, study
 
     handlers: dict[str, Handler] = {}
-    for module in (study, bn):
+    for module in (study, compare, bn):
         handlers.update(module.register(sub))
     return handlers
 

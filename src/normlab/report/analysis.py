@@ -11,13 +11,13 @@ comparison; best-epoch comparisons are descriptive (:data:`TESTED`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from normlab.report.data import RunRecord, StudyData
-from normlab.report.family import FamilyResult, Member, adjust
+from normlab.report.family import FamilyResult, Member, Values, adjust
 from normlab.report.stats import (
     Comparison,
     Summary,
@@ -26,6 +26,9 @@ from normlab.report.stats import (
     in_family,
     summarize,
 )
+
+if TYPE_CHECKING:  # only annotations: judging numbers needs no run store (nor torch)
+    from normlab.report.data import RunRecord, StudyData
 
 METRICS: dict[str, tuple[str, str]] = {
     # name -> (summary.json key, text)
@@ -163,19 +166,34 @@ def analyze(study: StudyData, *, seed: int = 0) -> Analysis:
 def _judge_family(
     arms: list[ArmStats], comparisons: list[GroupComparison], *, seed: int
 ) -> FamilyResult:
-    """Adjust the tested comparisons for their number (in place) and mark the rest
-    descriptive; returns the family's result."""
+    """Judge the tested comparisons as one family (in place) and mark the rest descriptive;
+    returns the family's result."""
     tested = [gc for gc in comparisons if gc.metric == TESTED]
     values = {(a.group, a.variant): a.values[TESTED] for a in arms}
-    members = [Member(gc.group, gc.comparison.variant, gc.comparison.baseline) for gc in tested]
-    result = adjust(values, members, seed=seed)
-    size = sum(1 for p in result.adjusted if math.isfinite(p))
-    for gc, p_adj in zip(tested, result.adjusted, strict=True):
-        if math.isfinite(p_adj):
-            gc.comparison = in_family(gc.comparison, p_adj, size)
+    result = judge_family(values, tested, seed=seed)
     for gc in comparisons:
         if gc.metric != TESTED:
             gc.comparison = as_descriptive(gc.comparison)
+    return result
+
+
+def judge_family(
+    values: Values, family: Sequence[GroupComparison], *, seed: int = 0
+) -> FamilyResult:
+    """Judge ``family`` (in place) as comparisons whose family-wise error is controlled.
+
+    ``values``: (group, arm) -> seed -> value, the numbers the comparisons were computed from.
+    The p-values are adjusted together (:func:`normlab.report.family.adjust`); each comparison
+    with a finite adjusted p (at least 2 common seeds) is then judged on it, as one of that
+    many (:func:`normlab.report.stats.in_family`). A study report calls this once, on its
+    final-epoch comparisons; ``normlab compare`` once per metric.
+    """
+    members = [Member(gc.group, gc.comparison.variant, gc.comparison.baseline) for gc in family]
+    result = adjust(values, members, seed=seed)
+    size = sum(1 for p in result.adjusted if math.isfinite(p))
+    for gc, p_adj in zip(family, result.adjusted, strict=True):
+        if math.isfinite(p_adj):
+            gc.comparison = in_family(gc.comparison, p_adj, size)
     return result
 
 

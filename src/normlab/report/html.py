@@ -7,11 +7,16 @@ import base64
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup, escape
 
 from normlab.report.document import ReportDocument
 from normlab.report.mechanisms import mechanism_table
-from normlab.report.tables import arms_table, comparisons_table, problems_table, timing_table
+from normlab.report.tables import (
+    arms_table,
+    comparisons_table,
+    html_table,
+    problems_table,
+    timing_table,
+)
 from normlab.store import atomic_write_text
 
 _TEMPLATE = """<!DOCTYPE html>
@@ -110,23 +115,9 @@ Reproduce or resume: <code>normlab study {{ study_file }}</code></p>
 """
 
 
-def _table(t: tuple[list[str], list[list[str]]]) -> Markup:
-    headers, rows = t
-    esc = escape
-    out = ["<table><tr>", *(f"<th>{esc(h)}</th>" for h in headers), "</tr>"]
-    for row in rows:
-        out.append("<tr>")
-        for cell in row:
-            numeric = cell[:1] in "+-–0123456789[" and len(cell) < 40
-            out.append(f'<td class="num">{esc(cell)}</td>' if numeric else f"<td>{esc(cell)}</td>")
-        out.append("</tr>")
-    out.append("</table>")
-    return Markup("".join(out))
-
-
 def render_html(doc: ReportDocument) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    env.globals["table"] = _table
+    env.globals["table"] = html_table
     template = env.from_string(_TEMPLATE)
     counts = doc.analysis.counts
     counts_text = f"{len(doc.study.runs)} runs: " + ", ".join(

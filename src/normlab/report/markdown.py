@@ -7,27 +7,13 @@ from pathlib import Path
 from normlab.report.document import ReportDocument
 from normlab.report.mechanisms import mechanism_table
 from normlab.report.tables import (
-    Table,
     arms_table,
     comparisons_table,
+    markdown_table,
     problems_table,
     timing_table,
 )
 from normlab.store import atomic_write_text
-
-
-def _md_table(t: Table) -> str:
-    headers, rows = t
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = [
-        "| " + " | ".join(cell(h) for h in headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
-    ]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
@@ -65,12 +51,12 @@ def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
     out += [""]
     out += figs("overview")
     title = "Comparisons with the baseline" + (" and other pairs" if spec.comparisons else "")
-    out += [f"## {title}", "", _md_table(comparisons_table(doc.analysis))]
-    out += ["## Per arm", "", _md_table(arms_table(doc.analysis))]
+    out += [f"## {title}", "", markdown_table(comparisons_table(doc.analysis))]
+    out += ["## Per arm", "", markdown_table(arms_table(doc.analysis))]
 
     out += figs("seeds")
     out += ["## Learning curves", ""] + (figs("curves") or ["No epochs recorded yet.", ""])
-    out += ["## Wall time and throughput", "", _md_table(timing_table(doc.analysis))]
+    out += ["## Wall time and throughput", "", markdown_table(timing_table(doc.analysis))]
     out += ["## Mechanisms", ""]
     mechanisms = mechanism_table(doc.study)
     if mechanisms[1]:
@@ -78,12 +64,12 @@ def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
             "Probe quantities per arm, mean ± sd over the completed seeds "
             "(definitions: `normlab.report.mechanisms`).",
             "",
-            _md_table(mechanisms),
+            markdown_table(mechanisms),
         ]
     out += figs("mechanisms") or [doc.mechanisms_note or "No probe figures.", ""]
     problems = problems_table(doc.analysis)
     if problems[1]:
-        out += ["## Failed, diverged and unfinished runs", "", _md_table(problems)]
+        out += ["## Failed, diverged and unfinished runs", "", markdown_table(problems)]
     out += ["## Methods", ""] + [f"- {m}" for m in doc.methods] + [""]
     out += [
         "## Configuration",

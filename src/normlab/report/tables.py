@@ -1,10 +1,15 @@
-"""The report's tables as header + rows of strings, shared by the HTML and Markdown writers."""
+"""The report's tables as header + rows of strings, shared by the HTML and Markdown writers
+(and ``normlab compare``), and those two layouts of a table (:func:`markdown_table`,
+:func:`html_table`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from normlab.report.analysis import Analysis, ArmStats, fmt_num, fmt_pct
+from markupsafe import Markup, escape
+
+from normlab.report.analysis import Analysis, ArmStats, GroupComparison, fmt_num, fmt_pct
 from normlab.report.stats import Comparison, Summary
 
 Table = tuple[list[str], list[list[str]]]
@@ -61,9 +66,15 @@ def arms_table(analysis: Analysis) -> Table:
 
 
 def comparisons_table(analysis: Analysis) -> Table:
+    return verdict_table(analysis.comparisons, pairs=bool(analysis.study.spec.comparisons))
+
+
+def verdict_table(comparisons: Sequence[GroupComparison], *, pairs: bool = False) -> Table:
+    """One row per comparison: its numbers, raw and adjusted p, and verdict; ``pairs``: some
+    compare a variant with another reference than the baseline (the header says so)."""
     headers = [
         "group",
-        "variant − reference" if analysis.study.spec.comparisons else "variant − baseline",
+        "variant − reference" if pairs else "variant − baseline",
         "metric",
         "seeds",
         "diff (points)",
@@ -74,7 +85,7 @@ def comparisons_table(analysis: Analysis) -> Table:
         "verdict",
     ]
     rows = []
-    for gc in analysis.comparisons:
+    for gc in comparisons:
         c = gc.comparison
 
         def pts(x: float) -> str:
@@ -136,3 +147,33 @@ def problems_table(analysis: Analysis) -> Table:
         if r.status in ("failed", "diverged", "running", "pending")
     ]
     return headers, rows
+
+
+def markdown_table(t: Table) -> str:
+    """``t`` as a Markdown (GitHub) table; ``|`` escaped, newlines joined."""
+    headers, rows = t
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(t: Table) -> Markup:
+    """``t`` as an HTML ``<table>`` (escaped); numeric-looking cells get ``class="num"``."""
+    headers, rows = t
+    esc = escape
+    out = ["<table><tr>", *(f"<th>{esc(h)}</th>" for h in headers), "</tr>"]
+    for row in rows:
+        out.append("<tr>")
+        for cell in row:
+            numeric = cell[:1] in "+-–0123456789[" and len(cell) < 40
+            out.append(f'<td class="num">{esc(cell)}</td>' if numeric else f"<td>{esc(cell)}</td>")
+        out.append("</tr>")
+    out.append("</table>")
+    return Markup("".join(out))
