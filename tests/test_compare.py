@@ -591,3 +591,24 @@ def test_an_arm_without_spread_gets_no_interval(tmp_path):
     headers, rows = arms_table(result)
     assert headers[-1] == "95% CI"
     assert [row[-1] for row in rows] == ["none: all 2 seeds equal", "[-4.853, 7.853]"]
+
+
+def test_differences_are_points_only_for_values_in_0_1():
+    import normlab
+
+    def rows(offset: float, scale: float) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for s in range(8):
+            base = offset + scale * 0.01 * s
+            out.append({"arm": "bn", "seed": s, "value": base})
+            out.append({"arm": "gn", "seed": s, "value": base + scale * (0.02 + 0.001 * s)})
+        return out
+
+    acc = normlab.compare(rows(0.4, 1.0))
+    assert acc.units["value"].name == "points"
+    assert acc.comparisons[0].comparison.verdict.startswith("gn is higher than bn by 2.4 points")
+    loss = normlab.compare(rows(2.0, 10.0))  # losses around 2: not fractions
+    verdict = loss.comparisons[0].comparison.verdict
+    assert loss.units["value"].name == "" and "points" not in verdict
+    assert verdict.startswith("gn is higher than bn by 0.235 (8/8 seeds agree")
+    assert "own unit" in str(loss)

@@ -70,7 +70,9 @@ from normlab.report.stats import (
     ALPHA,
     CONFIDENCE,
     N_RESAMPLES,
+    POINTS,
     Summary,
+    Unit,
     compare,
     min_seeds_for,
     summarize,
@@ -81,10 +83,29 @@ REQUIRED = ("arm", "seed", "value")
 OPTIONAL = ("group", "metric")
 DEFAULT_METRIC = "value"
 """The metric's name when the table has no ``metric`` column."""
-UNITS = (
-    "differences are printed in points, 100 x the value: right for accuracies given as "
-    "fractions in [0, 1]; for another metric read a point as 1/100 of its unit"
-)
+
+
+def unit_for(values: Iterable[float]) -> Unit:
+    """How a metric's differences are written: in points (100 x the value) when every value
+    lies in [0, 1], read as fractions such as accuracies; otherwise in the values' own unit."""
+    return POINTS if all(0.0 <= v <= 1.0 for v in values) else Unit("")
+
+
+def units_text(r: CompareResult) -> str:
+    """The unit of each metric's differences, and why (one sentence)."""
+    parts = []
+    for metric, unit in r.units.items():
+        where = f"{metric}: " if len(r.units) > 1 else ""
+        if unit is POINTS:
+            parts.append(
+                f"{where}every value lies in [0, 1], so they are read as fractions (such as "
+                "accuracies) and differences are printed in points, 100 x the value"
+            )
+        else:
+            parts.append(f"{where}differences are printed in the values' own unit")
+    return "; ".join(parts)
+
+
 MAX_VALUE = 1e100
 """The largest magnitude a value may have: squares of differences must stay finite."""
 _SHOWN_SEEDS = 10  # a warning lists at most this many seeds
@@ -342,6 +363,7 @@ class CompareResult:
     families: dict[str, FamilyResult]  # metric -> its family's adjustment
     arms: list[ArmSummary]
     warnings: list[str] = field(default_factory=list)
+    units: dict[str, Unit] = field(default_factory=dict)  # metric -> how differences read
 
     @property
     def source(self) -> str:
@@ -392,8 +414,10 @@ def compare_table(
     comparisons: list[GroupComparison] = []
     families: dict[str, FamilyResult] = {}
     wanted = [(a, chosen) for a in arms if a != chosen] + list(extra)
+    units: dict[str, Unit] = {}
     for metric in table.metrics:
         cells = table.values[metric]
+        unit = units[metric] = unit_for(v for s in cells.values() for v in s.values())
         family: list[GroupComparison] = []
         for group in table.groups:
             present = {arm for (g, arm) in cells if g == group}
@@ -413,7 +437,9 @@ def compare_table(
                     continue
                 ref, var = cells[(group, reference)], cells[(group, variant)]
                 _check_seeds(table, where, variant, var, reference, ref, warnings)
-                c = compare(ref, var, metric=metric, names=(reference, variant), seed=seed)
+                c = compare(
+                    ref, var, metric=metric, names=(reference, variant), seed=seed, unit=unit
+                )
                 family.append(GroupComparison(group, metric, c))
         if family:
             families[metric] = judge_family(cells, family, seed=seed)
@@ -431,7 +457,9 @@ def compare_table(
     ]
     order = {(g, a): i for i, (g, a) in enumerate((g, a) for g in table.groups for a in arms)}
     summaries.sort(key=lambda s: (table.metrics.index(s.metric), order[s.group, s.arm]))
-    return CompareResult(table, chosen, given, extra, comparisons, families, summaries, warnings)
+    return CompareResult(
+        table, chosen, given, extra, comparisons, families, summaries, warnings, units
+    )
 
 
 def _pairs(
@@ -584,7 +612,7 @@ def methods(r: CompareResult) -> list[str]:
         f"A difference is claimed only when the adjusted p < {ALPHA:g} and both intervals "
         "exclude 0. Otherwise the verdict is 'no detectable difference', which is not evidence "
         "of equality: it says the seeds run cannot tell.",
-        f"Units: {UNITS}.",
+        f"Units: {units_text(r)}.",
         "The same functions judge a normlab study report (normlab.report.stats.compare, "
         "normlab.report.analysis.judge_family).",
     ]
@@ -688,7 +716,7 @@ def render_text(r: CompareResult, *, warnings: bool = True, width: int = 100) ->
             if len(r.table.metrics) > 1
             else "all comparisons form one family. "
         )
-        + f"Units: {UNITS}."
+        + f"Units: {units_text(r)}."
     )
     out += ["", textwrap.fill(rule, width, break_on_hyphens=False)]
     return "\n".join(out) + "\n"
@@ -773,7 +801,7 @@ def as_dict(r: CompareResult) -> dict[str, Any]:
             "family": "each metric: every comparison of that metric, in every group",
             "procedure": "Westfall-Young step-down minP over within-seed permutations",
             "claim": "adjusted p < alpha and both intervals exclude 0",
-            "units": UNITS,
+            "units": units_text(r),
         },
         "families": {
             metric: {

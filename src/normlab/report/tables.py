@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from markupsafe import Markup, escape
 
 from normlab.report.analysis import Analysis, ArmStats, GroupComparison, fmt_num, fmt_pct
-from normlab.report.stats import Comparison, Summary
+from normlab.report.stats import POINTS, Comparison, Summary
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -77,7 +77,7 @@ def verdict_table(comparisons: Sequence[GroupComparison], *, pairs: bool = False
         "variant − reference" if pairs else "variant − baseline",
         "metric",
         "seeds",
-        "diff (points)",
+        "diff (points)" if all(gc.comparison.unit is POINTS for gc in comparisons) else "diff",
         "paired t 95% CI",
         "bootstrap 95% CI",
         "sign-flip p",
@@ -88,8 +88,10 @@ def verdict_table(comparisons: Sequence[GroupComparison], *, pairs: bool = False
     for gc in comparisons:
         c = gc.comparison
 
-        def pts(x: float) -> str:
-            return "–" if not math.isfinite(x) else f"{100 * x:+.2f}"
+        def pts(x: float, c: Comparison = c) -> str:
+            if not math.isfinite(x):
+                return "–"
+            return f"{100 * x:+.2f}" if c.unit is POINTS else c.unit.amount(x, signed=True)
 
         def ci(lo_hi: tuple[float, float]) -> str:
             lo, hi = lo_hi
