@@ -47,7 +47,8 @@ def rate(k: int, n: int, kind: str, studies: int, resamples: int, effect: float 
     raw = adj = 0
     for r in range(studies):
         values, members = study(k, n, kind, rng, effect)
-        res = adjust(values, members, n_resamples=resamples, seed=r)
+        # at least 40 permutations per comparison: the smallest adjusted p is about k / resamples
+        res = adjust(values, members, n_resamples=max(resamples, 40 * k), seed=r)
         if effect:  # power: the truly different variant (a1) is claimed
             raw += res.p_values[0] < 0.05
             adj += res.adjusted[0] < 0.05
