@@ -124,14 +124,17 @@ def build_session(
 ) -> Session:
     """Build data, model, runtime, optimizer, schedule and loaders for ``config``.
 
-    Random state is drawn in a fixed order (seed everything, the data split with seed 0, the
-    model's init with ``config.seed``, then the data generator), so equal configs give equal
-    sessions. Raises on settings that cannot train; writes nothing.
+    Random state is drawn in a fixed order (seed everything, the data split with the seed
+    ``data.split_seed`` chooses, the model's init with ``config.seed``, then the data
+    generator), so equal configs give equal sessions. Raises on settings that cannot train;
+    writes nothing.
     """
     seed_everything(config.seed)
-    # The train/validation split is fixed (seed 0): training seeds vary init, order and
-    # augmentation, not which images are held out, so seed-to-seed spread is training noise.
-    bundle = data if data is not None else build_data(config.data, seed=0)
+    # By default the train/validation split is fixed (seed 0): training seeds vary init, order
+    # and augmentation, not which images are held out, so seed-to-seed spread is training
+    # noise; data.split_seed = "run" redraws it with each seed.
+    split = config.data.split_seed_for(config.seed)
+    bundle = data if data is not None else build_data(config.data, seed=split)
     torch.manual_seed(config.seed)
     model = model_from_config(config, bundle.num_classes, bundle.channels, bundle.image_size)
     n_train = int(bundle.train_labels.numel())
