@@ -62,3 +62,27 @@ def test_an_old_config_without_split_seed_agrees_with_the_default():
     assert config_differences(old, config_to_dict(tiny_config())) == []
     assert config_differences(old, config_to_dict(tiny_config(**{"data.split_seed": "run"})))
 
+
+def test_the_bn_toolbox_evaluates_a_run_on_its_own_split(tmp_path, capsys, monkeypatch):
+    """``recalibrate RUN`` measures the run's final model on the images the run held out (a
+    split redrawn with the run's seed would mix training images in): the split seed is the
+    run's, and the accuracy before recalibrating is the run's final val/acc."""
+    import json
+
+    import normlab.data
+    from normlab.cli import main
+    from normlab.train import fit
+
+    config = tiny_config(seed=1, epochs=1, **{"model.name": "mlp", "data.synthetic_samples": 192})
+    result = fit(config, out=tmp_path / "r", verbose=False)
+    seeds = []
+
+    def spy(cfg, seed=0):
+        seeds.append(seed)
+        return build_data(cfg, seed)
+
+    monkeypatch.setattr(normlab.data, "build_data", spy)
+    assert main(["recalibrate", str(tmp_path / "r"), "--batches", "1", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert seeds == [0]  # the split the run drew (data.split_seed null), not seed 1's
+    assert payload["val_before"]["acc"] == result.summary["final/val/acc"]
