@@ -259,6 +259,8 @@ class Progress:
     best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
     wall_before: float = 0.0  # training seconds of earlier sessions of this run
     history: list[dict[str, Any]] = field(default_factory=list)
+    # per-image validation predictions of the last ("final") and best ("best") epoch so far
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def start(s: Session, resuming: bool, log: Any) -> Progress:
@@ -279,7 +281,8 @@ def start(s: Session, resuming: bool, log: Any) -> Progress:
             history = run.truncate_metrics(ckpt.epoch)
         else:
             history = [r for r in run.read_metrics() if int(r["epoch"]) <= ckpt.epoch]
-        return Progress(ckpt.epoch + 1, dict(ckpt.best), ckpt.wall_seconds, history)
+        kept = dict(ckpt.predictions or {})  # none in checkpoints older than predictions
+        return Progress(ckpt.epoch + 1, dict(ckpt.best), ckpt.wall_seconds, history, kept)
     if dctx.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         if run.metrics_path.exists():
