@@ -16,7 +16,8 @@ image by image (McNemar's test). A numpy ``.npz`` archive (deflate-compressed; r
                  (:attr:`normlab.data.DataBundle.val_id`; empty when unknown)
 
 Class arrays are ``uint8`` up to 256 classes, ``uint16`` up to 65,536, else ``int32``: 2,000
-validation images take 2 kB per array before compression. The accuracy of ``final`` (``best``)
+validation images take 2 kB per array before compression; the file, labels and both
+predictions of 10 classes, about 4.5 kB. The accuracy of ``final`` (``best``)
 is exactly the run's ``final/val/acc`` (``best/val/acc``): both count the same argmaxes.
 """
 
