@@ -25,6 +25,7 @@ from normlab.engine.distributed import reconcile_batchnorm, wrap_ddp
 from normlab.errors import ConfigError
 from normlab.models import build_model
 from normlab.norms.sync import SyncBatchNorm, convert_sync_batchnorm
+from normlab.store import RunDir
 from normlab.train import fit
 
 
@@ -180,6 +181,10 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, norm):
             assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (key, ra, rb)
     cfg = (tmp_path / "two" / "config.yaml").read_text()
     assert "world_size: 2" in cfg
+    # rank 0 keeps every validation image's prediction, gathered from both ranks' shards
+    kept = RunDir(tmp_path / "two").read_predictions()
+    assert kept is not None and kept.n == RunDir(tmp_path / "one").read_predictions().n
+    assert kept.accuracy("final") == b[-1]["val/acc"]
 
 
 def test_sync_bn_without_a_process_group_is_refused(tmp_path):

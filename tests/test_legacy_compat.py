@@ -48,6 +48,14 @@ def test_an_old_interrupted_run_resumes_to_the_old_codes_numbers(legacy: Path) -
     # and exactly what an uninterrupted run of the same saved config gives on this machine
     fresh = fit(result.config, out=legacy / "fresh", verbose=False)
     assert stable(fresh.metrics) == got
+    # the epochs this code trained kept their predictions; epoch 1's (old code) are unknown
+    kept = RunDir(run).read_predictions()
+    assert kept is not None and kept.final_epoch == 3
+    assert kept.accuracy("final") == result.summary["final/val/acc"]
+    if result.summary["best/epoch"] == 1:
+        assert kept.best is None
+    else:
+        assert kept.accuracy("best") == result.summary["best/val/acc"]
 
 
 def test_an_old_study_resumes_runs_only_what_is_missing_and_reports(legacy: Path) -> None:

@@ -29,6 +29,7 @@ def test_run_directory_is_complete(tmp_path):
         "checkpoint.pt",
         "config.yaml",
         "metrics.jsonl",
+        "predictions.npz",
         "summary.json",
     ]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -237,7 +237,9 @@ def _data(args: argparse.Namespace, target: Any, *, required: bool) -> tuple[Any
             cfg = dataclasses.replace(base, path=given.path or base.path)
         else:
             cfg = given
-    bundle = build_data(cfg, seed=target.seed)
+    # the split the run itself trained and validated on (data.split_seed), not a redraw with
+    # the run's seed, which would put training images in the validation set
+    bundle = build_data(cfg, seed=cfg.split_seed_for(target.seed))
     return bundle, cfg
 
 

@@ -8,6 +8,7 @@ something else.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,9 @@ class DataBundle:
 
     Images are uint8 ``[N, C, H, W]`` (contiguous), labels int64 ``[N]``. ``mean`` and ``std``
     are per channel in [0, 1] units over the training images actually used (std biased); the
-    loader normalises with ``(x / 255 - mean) / std``.
+    loader normalises with ``(x / 255 - mean) / std``. ``val_id`` names which images of the
+    source form the validation set, in order (:func:`validation_id`; empty for a bundle not
+    made by :func:`build_data`): two runs with equal ids evaluated the same images.
     """
 
     name: str
@@ -109,6 +112,7 @@ class DataBundle:
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val_id: str = ""
 
     def __post_init__(self) -> None:
         for split in ("train", "val"):
@@ -174,6 +178,15 @@ def _take(array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def validation_id(source_hash: str, pool: str, idx: np.ndarray) -> str:
+    """A short digest naming the validation images: the source (its content hash), the pool
+    they come from (``"test"``, or ``"train"`` for a held-out part of the training split) and
+    their indices in that pool, in order. Equal ids: the same images in the same order."""
+    h = hashlib.sha256(f"{source_hash}\0{pool}\0".encode())
+    h.update(np.ascontiguousarray(idx, dtype="<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Load (decode once, then from the cache), split, limit and describe a data set.
 
@@ -188,11 +201,11 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if cfg.val_split > 0 or raw.test_images is None:
         fraction = cfg.val_split if cfg.val_split > 0 else DEFAULT_HOLDOUT
         train_idx, val_idx = stratified_split(labels, fraction, seed)
-        val_images, val_labels = raw.train_images, labels
+        val_images, val_labels, pool = raw.train_images, labels, "train"
     else:
         assert raw.test_labels is not None
         train_idx = np.arange(len(labels))
-        val_images, val_labels = raw.test_images, raw.test_labels
+        val_images, val_labels, pool = raw.test_images, raw.test_labels, "test"
         val_idx = np.arange(len(val_labels))
     train_idx = _limit(train_idx, labels, cfg.limit_train, seed, _STREAM_LIMIT_TRAIN, "limit_train")
     val_idx = _limit(val_idx, val_labels, cfg.limit_val, seed, _STREAM_LIMIT_VAL, "limit_val")
@@ -214,4 +227,5 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         class_names=raw.class_names,
         mean=mean,
         std=std,
+        val_id=validation_id(raw.source_hash, pool, val_idx),
     )

@@ -22,6 +22,9 @@ MAX_SIDE = 32768
 MAX_SYNTHETIC_BYTES = 2**32
 """Most uint8 bytes a synthetic data set may hold (samples x channels x side x side)."""
 
+SPLIT_SEED_RUN = "run"
+"""``data.split_seed``'s value for "each run draws its split with its own seed"."""
+
 
 def _fail(field: str, expectation: str, value: object) -> None:
     raise ConfigError(f"data.{field} must be {expectation}, got {value!r}")
@@ -40,7 +43,8 @@ class DataConfig:
     holds out a stratified 20% of its images instead (:data:`DEFAULT_HOLDOUT`). With
     ``val_split > 0`` that fraction of the *training* split is held out (stratified) and the
     source's test split is not used. Splits and limits are deterministic given the ``seed``
-    passed to :func:`~normlab.data.build_data`.
+    passed to :func:`~normlab.data.build_data`; which seed a training run passes is
+    ``split_seed``'s choice (:meth:`split_seed_for`).
 
     Augmentation (``augment``): random crops, and horizontal flips only where the source is
     known to be flip-invariant, unless ``flip`` says otherwise.
@@ -76,6 +80,14 @@ class DataConfig:
     synthetic_channels: int = 3
     cache_dir: str | None = None
     """Where decoded arrays are cached; None: $NORMLAB_CACHE, else ~/.cache/normlab."""
+    split_seed: int | str | None = None
+    """Which train/validation split (and ``limit_*`` subsets) a run draws. None: seed 0 for
+    every run, the split normlab has always used, so seed-to-seed spread is training noise
+    only; an integer >= 0: that split for every run; ``"run"``: the run's own ``seed``, so each
+    seed redraws the split (runs with the same seed still share it, so arms stay paired) and
+    seed-to-seed spread also covers which images are held out (Bouthillier et al., MLSys
+    2021). A source's own test split is fixed whatever the seed: only ``limit_val`` (and the
+    training subset) is redrawn from it; set ``val_split`` to redraw the held-out images."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -142,7 +154,20 @@ class DataConfig:
             not isinstance(self.cache_dir, str) or not self.cache_dir
         ):
             _fail("cache_dir", "a non-empty path or null", self.cache_dir)
+        s = self.split_seed
+        seed_ok = isinstance(s, int) and not isinstance(s, bool) and s >= 0
+        if not (s is None or s == SPLIT_SEED_RUN or seed_ok):
+            _fail("split_seed", f"null, an integer >= 0 or {SPLIT_SEED_RUN!r}", s)
         object.__setattr__(self, "val_split", float(v))  # NaN fails the range check above
+
+    def split_seed_for(self, run_seed: int) -> int:
+        """The seed :func:`~normlab.data.build_data` draws the split with for a run whose
+        ``seed`` is ``run_seed`` (see ``split_seed``)."""
+        if self.split_seed is None:
+            return 0
+        if self.split_seed == SPLIT_SEED_RUN:
+            return run_seed
+        return int(self.split_seed)
 
 
 def split_data_spec(spec: str) -> tuple[str, str | None]:

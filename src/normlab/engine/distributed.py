@@ -12,8 +12,9 @@ torchrun puts in the environment, and ``fit`` then:
   SyncBN (``sync_bn: true``);
 * reconciles BN running statistics across ranks before every evaluation and checkpoint
   (``dist_bn``: ``reduce`` = average over ranks, ``broadcast`` = rank 0's, ``none``);
-* reduces training and validation metrics over ranks; only rank 0 writes files, logs and
-  shows a progress bar.
+* reduces training and validation metrics over ranks, and gathers the per-image validation
+  predictions of the ranks' strided shards back into the validation set's order; only rank 0
+  writes files, logs and shows a progress bar.
 
 A rank that dies ends the job: torchrun stops the other workers, and every collective has the
 timeout ``runtime.dist_timeout`` (seconds) so no rank waits forever.
@@ -101,6 +102,28 @@ def all_reduce_sum(values: Sequence[float | int], device: torch.device) -> list[
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return [float(v) for v in t.tolist()]
+
+
+def gather_strided(shard: torch.Tensor) -> torch.Tensor:
+    """The whole 1-d tensor of which each rank holds the strided shard ``whole[rank::world]``
+    (how ``fit`` shards the validation set), in the whole's order; ``shard`` itself in a
+    single process. Every rank gets it (an all-gather: gloo and NCCL both have one; padded,
+    since shards differ in length by up to one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return shard
+    world = dist.get_world_size()
+    size = torch.tensor([shard.numel()], dtype=torch.int64, device=shard.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = [int(n) for n in torch.cat(sizes).tolist()]
+    padded = shard.new_zeros(max(lengths))
+    padded[: shard.numel()] = shard
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    whole = shard.new_empty(sum(lengths))
+    for rank, (part, n) in enumerate(zip(parts, lengths, strict=True)):
+        whole[rank::world] = part[:n]
+    return whole
 
 
 def reconcile_batchnorm(model: nn.Module, mode: str) -> None:

@@ -1,12 +1,14 @@
 """The run store: one directory per training run, written so that nothing computed is lost.
 
 :class:`RunDir` owns the run directory's formats (config.yaml with provenance, the checkpoint
-schema, summary and status, per-rank BN buffers) and rebuilds a run's model;
+schema, summary and status, per-image validation predictions, per-rank BN buffers) and
+rebuilds a run's model;
 :func:`config_differences` is the one check of whether a saved run matches a config.
 """
 
 from normlab.store.checkpoint import Checkpoint
 from normlab.store.compat import config_differences
+from normlab.store.predictions import Predictions
 from normlab.store.provenance import git_sha, run_meta
 from normlab.store.run import (
     CHECKPOINT,
@@ -14,6 +16,7 @@ from normlab.store.run import (
     FINISHED,
     METRICS,
     MODEL_DIMS,
+    PREDICTIONS,
     STATUS_COMPLETED,
     STATUS_DIVERGED,
     STATUS_FAILED,
@@ -31,12 +34,14 @@ __all__ = [
     "FINISHED",
     "METRICS",
     "MODEL_DIMS",
+    "PREDICTIONS",
     "STATUS_COMPLETED",
     "STATUS_DIVERGED",
     "STATUS_FAILED",
     "STATUS_RUNNING",
     "SUMMARY",
     "Checkpoint",
+    "Predictions",
     "RunDir",
     "atomic_write_bytes",
     "atomic_write_text",

@@ -12,6 +12,11 @@ A checkpoint is a plain dict of tensors and containers (loadable with ``weights_
     scaler        None (bf16 autocast needs no loss scaling; kept for the format)
     best          {"acc": best validation accuracy so far, "epoch": its epoch}
     wall_seconds  training wall time up to this epoch
+    predictions   {"final": [N] int64, "best": [N] int64} each validation image's predicted
+                  class by the model after ``epoch`` and by the best epoch's (the content of
+                  ``predictions.npz``, kept here so a resumed run knows the best epoch's);
+                  ``best`` absent when unknown; None in checkpoints written before normlab
+                  kept predictions
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Checkpoint:
     wall_seconds: float
     cuda_rng: list[Tensor] | None = None
     scaler: None = None
+    predictions: dict[str, Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -65,4 +71,5 @@ class Checkpoint:
             best=dict(state["best"]),
             wall_seconds=float(state["wall_seconds"]),
             cuda_rng=state.get("cuda_rng"),
+            predictions=dict(state["predictions"]) if state.get("predictions") else None,
         )

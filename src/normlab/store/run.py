@@ -7,6 +7,9 @@ Layout of a run directory::
     summary.json    status (running | completed | diverged | failed), best/final accuracy, time
     checkpoint.pt   latest state (model, optimizer, scheduler, RNG states), written atomically;
                     its schema is :class:`normlab.store.checkpoint.Checkpoint`
+    predictions.npz every validation image's predicted class by the final and the best-epoch
+                    model, and the labels (:mod:`normlab.store.predictions`); rewritten
+                    atomically every epoch; absent in runs made before normlab kept it
     init.json       only with ``model.init: lsuv``: what the initialisation did, per layer
     bn_buffers.rank<R>.pt  only in multi-process runs with ``dist_bn: none``: rank R's BN
                     running statistics (the checkpoint holds rank 0's)
@@ -14,9 +17,11 @@ Layout of a run directory::
 This module is the only reader and writer of these files: the training loop, the study
 runner, the report and the BN toolbox all go through :class:`RunDir`.
 
-Guarantees: ``config.yaml``, ``summary.json``, ``checkpoint.pt`` and ``init.json`` are
-written atomically (write to a temporary file in the same directory, fsync, ``os.replace``), so
-a crash leaves either the old or the new file, never a torn one. ``metrics.jsonl`` is append-only during a run;
+Guarantees: ``config.yaml``, ``summary.json``, ``checkpoint.pt``, ``predictions.npz`` and
+``init.json`` are written atomically (write to a temporary file in the same directory, fsync, ``os.replace``), so
+a crash leaves either the old or the new file, never a torn one; the checkpoint keeps a copy of
+the predictions, so a resumed run rewrites the file to match it. ``metrics.jsonl`` is
+append-only during a run;
 a torn last line (a crash mid-write) is ignored on read, and on resume the file is rewritten
 (atomically) to hold exactly the epochs the checkpoint covers, so no epoch is duplicated.
 """
@@ -42,12 +47,14 @@ from normlab.config import TrainConfig, config_from_dict, config_to_dict, load_y
 from normlab.errors import DataError, NormlabError
 from normlab.models import build_model
 from normlab.store.checkpoint import Checkpoint
+from normlab.store.predictions import Predictions
 from normlab.yamlio import dumps
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+PREDICTIONS = "predictions.npz"
 INIT = "init.json"  # only with a data-dependent init (model.init: lsuv): what it did per layer
 RANK_BUFFERS = re.compile(r"^bn_buffers\.rank(\d+)\.pt$")
 
@@ -124,6 +131,10 @@ class RunDir:
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.path / PREDICTIONS
 
     @property
     def init_path(self) -> Path:
@@ -212,6 +223,19 @@ class RunDir:
         except json.JSONDecodeError as exc:
             raise NormlabError(f"{self.summary_path}: not valid JSON ({exc})") from None
         return data
+
+    # -- per-image validation predictions ----------------------------------------------------
+    def write_predictions(self, predictions: Predictions) -> None:
+        """Replace ``predictions.npz`` atomically."""
+        atomic_write_bytes(self.predictions_path, predictions.to_bytes())
+
+    def read_predictions(self) -> Predictions | None:
+        """``predictions.npz``, or None when the run has none (made before normlab kept
+        predictions); NormlabError naming the file when it cannot be read."""
+        if not self.predictions_path.is_file():
+            return None
+        data = self.predictions_path.read_bytes()
+        return Predictions.from_bytes(data, source=str(self.predictions_path))
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, state: Checkpoint | Mapping[str, Any]) -> None:

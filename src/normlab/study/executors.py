@@ -207,7 +207,7 @@ def _data_sizes(config: TrainConfig) -> dict[str, int]:
     try:
         from normlab.data import build_data
 
-        bundle = build_data(config.data, config.seed)
+        bundle = build_data(config.data, config.data.split_seed_for(config.seed))
     except Exception:  # the run itself reports a data problem
         return {}
     return {"n_train": int(bundle.train_labels.numel()), "n_val": int(bundle.val_labels.numel())}

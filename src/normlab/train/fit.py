@@ -2,8 +2,9 @@
 
 ``fit`` builds the data and the model from a :class:`TrainConfig`, trains for
 ``config.epochs`` epochs with evaluation (eval mode) after each, and keeps a run directory
-(see :mod:`normlab.store.run`) up to date: a metrics row and an atomic checkpoint after every
-epoch, ``summary.json`` with the status. ``fit(..., resume=True)`` continues an interrupted run
+(see :mod:`normlab.store.run`) up to date: a metrics row, an atomic checkpoint and the
+per-image validation predictions (final and best epoch) after every epoch, ``summary.json``
+with the status. ``fit(..., resume=True)`` continues an interrupted run
 from its last checkpoint and produces the same metrics an uninterrupted run would (same model,
 optimizer, scheduler, data-order and augmentation RNG states; on the same machine and thread
 count the numbers are bit-identical).
@@ -32,7 +33,7 @@ from normlab.engine.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
-from normlab.engine.evaluate import evaluate
+from normlab.engine.evaluate import evaluate_with_predictions
 from normlab.engine.state import FitState
 from normlab.store import (
     FINISHED,
@@ -41,6 +42,7 @@ from normlab.store import (
     STATUS_FAILED,
     STATUS_RUNNING,
     Checkpoint,
+    Predictions,
     RunDir,
 )
 from normlab.train.epoch import progress_enabled, train_epoch
@@ -93,6 +95,7 @@ def fit(
     progress = start(s, resuming, log)
     callbacks = [*names.probes, *callbacks]  # probes named in the config observe the run
     history, best = progress.history, progress.best
+    kept = progress.predictions  # per-image predictions of the last and the best epoch
     state = FitState(
         config=config,
         model=s.model,
@@ -123,6 +126,8 @@ def fit(
 
     if progress.start_epoch > 1:
         log(f"resuming {run.path} at epoch {progress.start_epoch}/{config.epochs}")
+    if dctx.is_main and kept:  # as the checkpoint has them (a crash may have come between)
+        run.write_predictions(_predictions(s, progress.start_epoch - 1, best, kept))
     log(_first_line(s))
     status, summary = STATUS_RUNNING, write_summary(STATUS_RUNNING)
     failed = True  # until the loop ends normally: decides how the process group is left
@@ -144,13 +149,16 @@ def fit(
             t_eval = time.perf_counter()
             if dctx.enabled and not config.sync_bn:
                 reconcile_batchnorm(s.model, config.dist_bn)
-            val = evaluate(s.model, s.val_loader, state.autocast())
-            row["val/loss"], row["val/acc"] = val["loss"], val["acc"]
+            # the same forward pass gives the metrics and every image's predicted class
+            val = evaluate_with_predictions(s.model, s.val_loader, state.autocast())
+            row["val/loss"], row["val/acc"] = val.loss, val.acc
             row["seconds"] = round(row["seconds"] + time.perf_counter() - t_eval, 4)
             for cb in callbacks:
                 row.update(cb.on_epoch_end(state, epoch, row))
-            if val["acc"] > best["acc"]:
-                best.update(acc=val["acc"], epoch=epoch)
+            kept["final"] = val.predictions
+            if val.acc > best["acc"]:
+                best.update(acc=val.acc, epoch=epoch)
+                kept["best"] = val.predictions
             if dctx.enabled and config.dist_bn == "none":
                 # Statistics stay per rank: keep every rank's, so `normlab doctor RUN` can
                 # show how far they disagree (the checkpoint holds rank 0's).
@@ -159,7 +167,8 @@ def fit(
                 # The row first, then the checkpoint: a crash between the two leaves a row the
                 # checkpoint does not cover, which resume trims and recomputes (never a gap).
                 run.append_metrics(row)
-                run.save_checkpoint(_checkpoint(s, epoch, best, wall()))
+                run.save_checkpoint(_checkpoint(s, epoch, best, wall(), kept))
+                run.write_predictions(_predictions(s, epoch, best, kept))
             history.append(row)
             summary = write_summary(STATUS_RUNNING)
             log(_epoch_line(row, epoch, config.epochs))
@@ -216,7 +225,13 @@ def _summary(
     }
 
 
-def _checkpoint(s: Session, epoch: int, best: dict[str, Any], wall_seconds: float) -> Checkpoint:
+def _checkpoint(
+    s: Session,
+    epoch: int,
+    best: dict[str, Any],
+    wall_seconds: float,
+    kept: dict[str, torch.Tensor],
+) -> Checkpoint:
     return Checkpoint(
         epoch=epoch,
         model=s.model.state_dict(),
@@ -227,6 +242,23 @@ def _checkpoint(s: Session, epoch: int, best: dict[str, Any], wall_seconds: floa
         data_rng=s.generator.get_state(),
         best=dict(best),
         wall_seconds=wall_seconds,
+        predictions=dict(kept),
+    )
+
+
+def _predictions(
+    s: Session, epoch: int, best: dict[str, Any], kept: dict[str, torch.Tensor]
+) -> Predictions:
+    """``predictions.npz`` after ``epoch``: the best epoch's only once known (a run resumed from
+    a checkpoint older than predictions learns it when an epoch beats the old best)."""
+    return Predictions.build(
+        s.data.val_labels,
+        kept["final"],
+        epoch,
+        s.data.num_classes,
+        best=kept.get("best"),
+        best_epoch=best["epoch"],
+        val_id=s.data.val_id,
     )
 
 

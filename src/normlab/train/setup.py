@@ -124,14 +124,17 @@ def build_session(
 ) -> Session:
     """Build data, model, runtime, optimizer, schedule and loaders for ``config``.
 
-    Random state is drawn in a fixed order (seed everything, the data split with seed 0, the
-    model's init with ``config.seed``, then the data generator), so equal configs give equal
-    sessions. Raises on settings that cannot train; writes nothing.
+    Random state is drawn in a fixed order (seed everything, the data split with the seed
+    ``data.split_seed`` chooses, the model's init with ``config.seed``, then the data
+    generator), so equal configs give equal sessions. Raises on settings that cannot train;
+    writes nothing.
     """
     seed_everything(config.seed)
-    # The train/validation split is fixed (seed 0): training seeds vary init, order and
-    # augmentation, not which images are held out, so seed-to-seed spread is training noise.
-    bundle = data if data is not None else build_data(config.data, seed=0)
+    # By default the train/validation split is fixed (seed 0): training seeds vary init, order
+    # and augmentation, not which images are held out, so seed-to-seed spread is training
+    # noise; data.split_seed = "run" redraws it with each seed.
+    split = config.data.split_seed_for(config.seed)
+    bundle = data if data is not None else build_data(config.data, seed=split)
     torch.manual_seed(config.seed)
     model = model_from_config(config, bundle.num_classes, bundle.channels, bundle.image_size)
     n_train = int(bundle.train_labels.numel())
@@ -256,6 +259,8 @@ class Progress:
     best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
     wall_before: float = 0.0  # training seconds of earlier sessions of this run
     history: list[dict[str, Any]] = field(default_factory=list)
+    # per-image validation predictions of the last ("final") and best ("best") epoch so far
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def start(s: Session, resuming: bool, log: Any) -> Progress:
@@ -276,7 +281,8 @@ def start(s: Session, resuming: bool, log: Any) -> Progress:
             history = run.truncate_metrics(ckpt.epoch)
         else:
             history = [r for r in run.read_metrics() if int(r["epoch"]) <= ckpt.epoch]
-        return Progress(ckpt.epoch + 1, dict(ckpt.best), ckpt.wall_seconds, history)
+        kept = dict(ckpt.predictions or {})  # none in checkpoints older than predictions
+        return Progress(ckpt.epoch + 1, dict(ckpt.best), ckpt.wall_seconds, history, kept)
     if dctx.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         if run.metrics_path.exists():
