@@ -3,12 +3,20 @@ simulated coverage, McNemar's test against a hand computation, and the report's 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
+from _helpers import tiny_base
 from scipy.special import expit
 
+from normlab.report import write_report
+from normlab.report.analysis import analyze
+from normlab.report.data import load_study
 from normlab.report.stats import (
     IMAGES_CROSSED,
+    IMAGES_NESTED,
     _two_way_draws,
     compare,
     mcnemar,
@@ -17,6 +25,9 @@ from normlab.report.stats import (
     two_way_bootstrap_ci,
     with_images,
 )
+from normlab.store import Predictions, RunDir
+from normlab.study.runner import run_study
+from normlab.study.spec import spec_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,3 +173,76 @@ def test_one_seed_per_arm_uses_mcnemar_on_the_paired_images():
     assert "McNemar's exact test on the 9 images the two disagree on, p = 0.18" in c.verdict
     far = with_images(c, {0: np.zeros(60, bool)}, {0: np.ones(60, bool)}, design=IMAGES_CROSSED)
     assert "more than validation sampling alone explains (McNemar" in far.verdict
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _study(out: Path, **data) -> Path:
+    base = tiny_base(epochs=1)
+    base["data"].update(data)
+    spec = {
+        "name": "images",
+        "seeds": 2,
+        "baseline": "bn",
+        "base": base,
+        "variants": {"bn": {"norm.name": "bn"}, "gn": {"norm.name": "gn", "norm.gn_groups": 8}},
+    }
+    assert run_study(spec_from_dict(spec), out, executor="serial", stream=None).ok
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixed_split(tmp_path_factory) -> Path:
+    return _study(tmp_path_factory.mktemp("images") / "fixed")
+
+
+def test_the_report_shows_the_seeds_x_images_interval(fixed_split):
+    study = load_study(fixed_split)
+    c = analyze(study).comparisons[0].comparison
+    assert c.images_design == IMAGES_CROSSED and c.images_ci is not None
+    correct = {
+        side: {r.seed: r.image_correctness("final")[0] for r in study.arm_runs(None, side)}
+        for side in ("bn", "gn")
+    }
+    expected = two_way_bootstrap_ci(
+        [correct["gn"][s] for s in (0, 1)], [correct["bn"][s] for s in (0, 1)]
+    )
+    assert c.images_ci == expected
+    md = Path(write_report(fixed_split)["markdown"]).read_text()
+    assert "seeds × images 95% CI" in md
+    assert f"[{100 * expected[0]:+.2f}, {100 * expected[1]:+.2f}]" in md
+    assert "The train/validation split is drawn once (with seed 0) for every run" in md
+    assert "pigeonhole" in md
+
+
+def test_predictions_that_do_not_fit_are_not_used(fixed_split, tmp_path):
+    out = tmp_path / "study"
+    shutil.copytree(fixed_split, out)
+    run = RunDir(out / "runs" / "gn" / "seed-1")
+    p = run.read_predictions()
+    other = Predictions.build(p.labels, p.final, p.final_epoch, p.num_classes, val_id="elsewhere")
+    run.write_predictions(other)
+    c = analyze(load_study(out)).comparisons[0].comparison
+    assert c.images_ci is None
+    assert c.images_note == (
+        "not available: the runs with seed 1 do not record the same held-out images"
+    )
+    run.write_predictions(Predictions.build(p.labels, 1 - p.final, 1, p.num_classes))
+    c = analyze(load_study(out)).comparisons[0].comparison
+    assert c.images_note.startswith("not available: predictions.npz does not match summary.json")
+    run.predictions_path.write_bytes(b"not a zip")  # a bad file: a note, not a crash
+    md = Path(write_report(out)["markdown"]).read_text()
+    assert "gn/seed-1" in md and "not a readable predictions file" in md
+    assert "not available: predictions.npz unreadable (1 of 4 runs)" in md
+
+
+def test_a_split_redrawn_with_each_seed_is_resampled_as_nested(tmp_path):
+    out = _study(tmp_path / "nested", split_seed="run")
+    study = load_study(out)
+    ids = {r.seed: r.predictions.val_id for r in study.runs}
+    assert ids[0] != ids[1]
+    c = analyze(study).comparisons[0].comparison
+    assert c.images_design == IMAGES_NESTED and c.images_ci is not None
+    md = Path(write_report(out)["markdown"]).read_text()
+    assert "Each seed draws its own train/validation split (data.split_seed: run)" in md

@@ -6,6 +6,11 @@ divergence (excluding them flatters that arm). Comparisons pair runs by seed, wi
 
 The family whose error is controlled (:mod:`normlab.report.family`) is every final-epoch
 comparison; best-epoch comparisons are descriptive (:data:`TESTED`).
+
+Where every run of both arms kept its per-image predictions, a comparison also gets the
+interval that resamples the validation images (or, with one seed, McNemar's test):
+:func:`images_of`. Whether the seeds share one split ("crossed") or each drew its own
+("nested") is read from the runs' validation-set ids, not assumed.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from normlab.report.data import RunRecord, StudyData
+from normlab.report.data import PREDATES_PREDICTIONS, RunRecord, StudyData
 from normlab.report.family import FamilyResult, Member, adjust
 from normlab.report.stats import (
+    IMAGES_CROSSED,
+    IMAGES_NESTED,
     Comparison,
     Summary,
     as_descriptive,
     compare,
     in_family,
     summarize,
+    with_images,
+    without_images,
 )
 
 METRICS: dict[str, tuple[str, str]] = {
@@ -155,9 +164,48 @@ def analyze(study: StudyData, *, seed: int = 0) -> Analysis:
                     n_val=n_val or None,
                     seed=seed,
                 )
-                comparisons.append(GroupComparison(group, metric, c))
+                comparisons.append(
+                    GroupComparison(group, metric, images_of(c, ref, arm, metric, seed))
+                )
     family = _judge_family(arms, comparisons, seed=seed)
     return Analysis(study=study, arms=arms, comparisons=comparisons, family=family)
+
+
+def images_of(c: Comparison, ref: ArmStats, arm: ArmStats, which: str, seed: int = 0) -> Comparison:
+    """``c`` with its per-image statistics from the runs' ``which`` ("final" or "best") model,
+    or with the reason they are not available: a run of either arm without usable predictions,
+    or paired runs that held out different images."""
+    if c.n == 0:
+        return c
+    correct: list[dict[int, Any]] = [{}, {}]  # baseline, variant: seed -> per-image hits
+    split: dict[int, set[str]] = {s: set() for s in c.seeds}  # seed -> validation-set ids
+    why: list[str] = []
+    for side, a in enumerate((ref, arm)):
+        by_seed = {r.seed: r for r in a.runs if r.status == "completed"}
+        for s in c.seeds:
+            hits, reason = by_seed[s].image_correctness(which)
+            if hits is None:
+                why.append(reason)
+            correct[side][s] = hits
+            p = by_seed[s].predictions
+            split[s].add(p.val_id if p is not None else "")
+    if why:
+        same = all(w == PREDATES_PREDICTIONS for w in why)
+        note = f"runs {PREDATES_PREDICTIONS}" if same else why[0]
+        return without_images(c, f"not available: {note} ({len(why)} of {2 * c.n} runs)")
+    for s, ids in split.items():
+        if len(ids) != 1 or "" in ids:
+            return without_images(
+                c, f"not available: the runs with seed {s} do not record the same held-out images"
+            )
+    distinct = len({ids.pop() for ids in split.values()})
+    if distinct == 1:
+        design = IMAGES_CROSSED
+    elif distinct == c.n:
+        design = IMAGES_NESTED
+    else:
+        return without_images(c, "not available: some seeds share a validation split, others not")
+    return with_images(c, correct[0], correct[1], design=design, seed=seed)
 
 
 def _judge_family(
