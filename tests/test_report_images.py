@@ -246,3 +246,25 @@ def test_a_split_redrawn_with_each_seed_is_resampled_as_nested(tmp_path):
     assert c.images_design == IMAGES_NESTED and c.images_ci is not None
     md = Path(write_report(out)["markdown"]).read_text()
     assert "Each seed draws its own train/validation split (data.split_seed: run)" in md
+
+
+def test_a_claim_that_does_not_carry_over_to_other_images_gets_a_note():
+    from normlab.report.analysis import Analysis, GroupComparison
+    from normlab.report.document import images_caveats
+
+    # 8 seeds, variant higher on every one: claimed; but it is one image of 10 on each seed
+    base = {s: 0.5 for s in range(8)}
+    var = {s: 0.6 for s in range(8)}
+    c = compare(base, var, names=("bn", "gn"))
+    assert c.detected
+    hits_b = {s: np.array([1] * 5 + [0] * 5, dtype=bool) for s in range(8)}
+    hits_v = {s: np.array([1] * 6 + [0] * 4, dtype=bool) for s in range(8)}
+    c = with_images(c, hits_b, hits_v, design=IMAGES_CROSSED)
+    assert c.detected and c.images_ci is not None and c.images_ci[0] <= 0 <= c.images_ci[1]
+    analysis = Analysis(study=None, arms=[], comparisons=[GroupComparison("g", "final", c)])
+    notes = images_caveats(analysis)
+    assert notes == [
+        f"g: gn − bn is claimed on the seeds, but its seeds × images interval, "
+        f"{100 * c.images_ci[0]:+.2f} to {100 * c.images_ci[1]:+.2f} points, includes 0: it is "
+        "not shown to hold beyond these validation images"
+    ]

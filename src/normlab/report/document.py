@@ -186,6 +186,21 @@ def methods_text(study: StudyData) -> list[str]:
     return lines
 
 
+def images_caveats(analysis: Analysis) -> list[str]:
+    """A note for every claimed difference whose seeds x images interval includes 0."""
+    notes = []
+    for gc in analysis.comparisons:
+        c, ci = gc.comparison, gc.comparison.images_ci
+        if c.detected and ci is not None and ci[0] <= 0 <= ci[1]:
+            notes.append(
+                f"{(gc.group + ': ') if gc.group else ''}{c.variant} − {c.baseline} is claimed "
+                f"on the seeds, but its seeds × images interval, {100 * ci[0]:+.2f} to "
+                f"{100 * ci[1]:+.2f} points, includes 0: it is not shown to hold beyond these "
+                "validation images"
+            )
+    return notes
+
+
 def build_document(study: StudyData) -> ReportDocument:
     analysis = analyze(study)
     spec = study.spec
@@ -241,15 +256,7 @@ def build_document(study: StudyData) -> ReportDocument:
                 f"{arm.arm}: {lost} of {len(arm.runs)} runs diverged and are left out of its "
                 "statistics (which flatters it)"
             )
-    for gc in analysis.comparisons:
-        c, ci = gc.comparison, gc.comparison.images_ci
-        if c.detected and ci is not None and ci[0] <= 0 <= ci[1]:
-            warnings.append(
-                f"{(gc.group + ': ') if gc.group else ''}{c.variant} − {c.baseline} is claimed "
-                f"on the seeds, but its seeds × images interval, {100 * ci[0]:+.2f} to "
-                f"{100 * ci[1]:+.2f} points, includes 0: it is not shown to hold beyond these "
-                "validation images"
-            )
+    warnings += images_caveats(analysis)
     for r in study.runs:
         if r.predictions_error:
             warnings.append(
