@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from normlab.report.data import PREDATES_PREDICTIONS, RunRecord, StudyData
+from normlab.report.data import RunRecord, StudyData
 from normlab.report.family import FamilyResult, Member, adjust
 from normlab.report.stats import (
     IMAGES_CROSSED,
@@ -179,20 +179,22 @@ def images_of(c: Comparison, ref: ArmStats, arm: ArmStats, which: str, seed: int
         return c
     correct: list[dict[int, Any]] = [{}, {}]  # baseline, variant: seed -> per-image hits
     split: dict[int, set[str]] = {s: set() for s in c.seeds}  # seed -> validation-set ids
-    why: list[str] = []
+    why: list[str] = []  # what is wrong with the predictions of runs that have them
+    older = 0  # runs without predictions.npz
     for side, a in enumerate((ref, arm)):
         by_seed = {r.seed: r for r in a.runs if r.status == "completed"}
         for s in c.seeds:
-            hits, reason = by_seed[s].image_correctness(which)
-            if hits is None:
+            run = by_seed[s]
+            hits, reason = run.image_correctness(which)
+            if hits is None and run.predictions is None and not run.predictions_error:
+                older += 1
+            elif hits is None:
                 why.append(reason)
             correct[side][s] = hits
-            p = by_seed[s].predictions
-            split[s].add(p.val_id if p is not None else "")
-    if why:
-        same = all(w == PREDATES_PREDICTIONS for w in why)
-        note = f"runs {PREDATES_PREDICTIONS}" if same else why[0]
-        return without_images(c, f"not available: {note} ({len(why)} of {2 * c.n} runs)")
+            split[s].add(run.predictions.val_id if run.predictions is not None else "")
+    if why or older:
+        note = why[0] if why else "runs made before normlab kept predictions"
+        return without_images(c, f"not available: {note} ({len(why) + older} of {2 * c.n} runs)")
     for s, ids in split.items():
         if len(ids) != 1 or "" in ids:
             return without_images(

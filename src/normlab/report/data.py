@@ -21,9 +21,6 @@ from normlab.study.plan import StudyPlan, plan_study, saved_flips
 from normlab.study.spec import StudySpec, spec_from_dict
 from normlab.yamlio import read_yaml_mapping
 
-PREDATES_PREDICTIONS = "made before normlab kept predictions"
-"""Why a run has no per-image predictions: its directory has no ``predictions.npz``."""
-
 
 @dataclass
 class RunRecord:
@@ -61,7 +58,7 @@ class RunRecord:
         if p is None:
             if self.predictions_error:
                 return None, "predictions.npz unreadable"
-            return None, PREDATES_PREDICTIONS
+            return None, "made before normlab kept predictions"
         correct = p.correct(which)
         if correct is None:
             return None, "best epoch trained before normlab kept predictions"
