@@ -69,6 +69,9 @@ def test_an_old_study_resumes_runs_only_what_is_missing_and_reports(legacy: Path
     paths = write_report(study)
     assert Path(paths["markdown"]).is_file()
     assert Path(paths["csv"]).read_text().count("\n") >= 4
+    # three of its runs were made before normlab kept per-image predictions
+    md = Path(paths["markdown"]).read_text()
+    assert "not available: runs made before normlab kept predictions (3 of 4 runs)" in md
 
 
 def test_an_old_run_directory_loads_as_a_bn_toolbox_target(legacy: Path) -> None:

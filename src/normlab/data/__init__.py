@@ -18,7 +18,7 @@ normalisation of a 50k-image epoch at batch 128: ~0.22 s (``benchmarks/data_augm
 """
 
 from normlab.data.bundle import DEFAULT_HOLDOUT, DataBundle, build_data, channel_stats
-from normlab.data.config import DataConfig, parse_data_spec, split_data_spec
+from normlab.data.config import SPLIT_SEED_RUN, DataConfig, parse_data_spec, split_data_spec
 from normlab.data.loader import BatchLoader
 from normlab.data.sources import CIFAR10_CLASSES, SOURCES, RawData, Source, describe_flip
 
@@ -26,6 +26,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DEFAULT_HOLDOUT",
     "SOURCES",
+    "SPLIT_SEED_RUN",
     "BatchLoader",
     "DataBundle",
     "DataConfig",

@@ -6,6 +6,11 @@ divergence (excluding them flatters that arm). Comparisons pair runs by seed, wi
 
 The family whose error is controlled (:mod:`normlab.report.family`) is every final-epoch
 comparison; best-epoch comparisons are descriptive (:data:`TESTED`).
+
+Where every run of both arms kept its per-image predictions, a comparison also gets the
+interval that resamples the validation images (or, with one seed, McNemar's test):
+:func:`images_of`. Whether the seeds share one split ("crossed") or each drew its own
+("nested") is read from the runs' validation-set ids, not assumed.
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ import numpy as np
 
 from normlab.report.family import FamilyResult, Member, Values, adjust
 from normlab.report.stats import (
+    IMAGES_CROSSED,
+    IMAGES_NESTED,
     Comparison,
     Summary,
     as_descriptive,
     compare,
     in_family,
     summarize,
+    with_images,
+    without_images,
 )
 
 if TYPE_CHECKING:  # only annotations: judging numbers needs no run store (nor torch)
@@ -158,9 +167,50 @@ def analyze(study: StudyData, *, seed: int = 0) -> Analysis:
                     n_val=n_val or None,
                     seed=seed,
                 )
-                comparisons.append(GroupComparison(group, metric, c))
+                comparisons.append(
+                    GroupComparison(group, metric, images_of(c, ref, arm, metric, seed))
+                )
     family = _judge_family(arms, comparisons, seed=seed)
     return Analysis(study=study, arms=arms, comparisons=comparisons, family=family)
+
+
+def images_of(c: Comparison, ref: ArmStats, arm: ArmStats, which: str, seed: int = 0) -> Comparison:
+    """``c`` with its per-image statistics from the runs' ``which`` ("final" or "best") model,
+    or with the reason they are not available: a run of either arm without usable predictions,
+    or paired runs that held out different images."""
+    if c.n == 0:
+        return c
+    correct: list[dict[int, Any]] = [{}, {}]  # baseline, variant: seed -> per-image hits
+    split: dict[int, set[str]] = {s: set() for s in c.seeds}  # seed -> validation-set ids
+    why: list[str] = []  # what is wrong with the predictions of runs that have them
+    older = 0  # runs without predictions.npz
+    for side, a in enumerate((ref, arm)):
+        by_seed = {r.seed: r for r in a.runs if r.status == "completed"}
+        for s in c.seeds:
+            run = by_seed[s]
+            hits, reason = run.image_correctness(which)
+            if hits is None and run.predictions is None and not run.predictions_error:
+                older += 1
+            elif hits is None:
+                why.append(reason)
+            correct[side][s] = hits
+            split[s].add(run.predictions.val_id if run.predictions is not None else "")
+    if why or older:
+        note = why[0] if why else "runs made before normlab kept predictions"
+        return without_images(c, f"not available: {note} ({len(why) + older} of {2 * c.n} runs)")
+    for s, ids in split.items():
+        if len(ids) != 1 or "" in ids:
+            return without_images(
+                c, f"not available: the runs with seed {s} do not record the same held-out images"
+            )
+    distinct = len({ids.pop() for ids in split.values()})
+    if distinct == 1:
+        design = IMAGES_CROSSED
+    elif distinct == c.n:
+        design = IMAGES_NESTED
+    else:
+        return without_images(c, "not available: some seeds share a validation split, others not")
+    return with_images(c, correct[0], correct[1], design=design, seed=seed)
 
 
 def _judge_family(

@@ -662,9 +662,11 @@ def _drop(t: Table, names: Sequence[str]) -> Table:
 
 
 def _redundant(r: CompareResult) -> list[str]:
-    """Columns that say nothing here: group without groups, metric with one metric."""
+    """Columns that say nothing here: group without groups, metric with one metric, and the
+    seeds x images interval (it needs per-image predictions; a table of values has none)."""
     out = [] if r.table.has_group and any(r.table.groups) else ["group"]
-    return out + ([] if len(r.table.metrics) > 1 else ["metric"])
+    out += [] if len(r.table.metrics) > 1 else ["metric"]
+    return [*out, "seeds × images 95% CI"]
 
 
 def _text_table(t: Table, indent: str = "  ") -> str:

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normlab.errors import ConfigError
-from normlab.store import RunDir
+import numpy as np
+
+from normlab.errors import ConfigError, NormlabError
+from normlab.store import Predictions, RunDir
 from normlab.study.executors import failure_reason
 from normlab.study.layout import RUN_INFO, STATE_FILE, STUDY_FILE
 from normlab.study.plan import StudyPlan, plan_study, saved_flips
@@ -35,6 +37,8 @@ class RunRecord:
     rows: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # config.yaml, with its meta
     info: dict[str, Any] = field(default_factory=dict)  # study_run.json (n_train, n_val)
+    predictions: Predictions | None = None  # predictions.npz; None in runs made before it
+    predictions_error: str | None = None  # why predictions.npz could not be read
 
     @property
     def arm(self) -> str:
@@ -44,6 +48,28 @@ class RunRecord:
     def n_val(self) -> int | None:
         value = self.info.get("n_val")
         return int(value) if value else None
+
+    def image_correctness(self, which: str) -> tuple[np.ndarray | None, str]:
+        """``(correct, "")``: whether the run's ``"final"`` or ``"best"``-epoch model got each
+        validation image right (bool [N], from ``predictions.npz``); or ``(None, why not)``.
+        Predictions whose accuracy is not exactly the summary's are not used (a file from
+        another state of the run)."""
+        p = self.predictions
+        if p is None:
+            if self.predictions_error:
+                return None, "predictions.npz unreadable"
+            return None, "made before normlab kept predictions"
+        correct = p.correct(which)
+        if correct is None:
+            return None, "best epoch trained before normlab kept predictions"
+        epoch = p.final_epoch if which == "final" else p.best_epoch
+        expected = self.summary.get(f"{which}/val/acc")
+        counted = int(np.count_nonzero(correct)) / p.n
+        if expected != counted or epoch != self.summary.get(
+            "epochs_completed" if which == "final" else "best/epoch"
+        ):
+            return None, "predictions.npz does not match summary.json"
+        return correct, ""
 
 
 @dataclass
@@ -92,6 +118,11 @@ def load_study(out: str | Path) -> StudyData:
         config: dict[str, Any] = {}
         if rd.config_path.is_file():
             config = rd.read_config_doc()
+        predictions, predictions_error = None, None
+        try:
+            predictions = rd.read_predictions()
+        except NormlabError as exc:  # one bad file costs its comparisons, not the report
+            predictions_error = str(exc)
         info: dict[str, Any] = {}
         info_path = r.run_dir / RUN_INFO
         if info_path.is_file():
@@ -112,6 +143,8 @@ def load_study(out: str | Path) -> StudyData:
                 rows=rd.read_metrics(),
                 config=config,
                 info=info,
+                predictions=predictions,
+                predictions_error=predictions_error,
             )
         )
     return StudyData(out=out, spec=plan.spec, meta=meta, plan=plan, runs=runs)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from normlab.config import config_to_dict
+from normlab.data import SPLIT_SEED_RUN
 from normlab.report.analysis import Analysis, analyze
 from normlab.report.data import StudyData
 from normlab.report.family import N_RESAMPLES as FAMILY_RESAMPLES
@@ -19,7 +20,14 @@ from normlab.report.figures import (
     paired_seeds,
     to_png,
 )
-from normlab.report.stats import ALPHA, CONFIDENCE, N_RESAMPLES, POWER, min_seeds_for
+from normlab.report.stats import (
+    ALPHA,
+    CONFIDENCE,
+    IMAGE_RESAMPLES,
+    N_RESAMPLES,
+    POWER,
+    min_seeds_for,
+)
 from normlab.study.spec import spec_to_dict
 from normlab.yamlio import dumps
 
@@ -73,14 +81,47 @@ def _family_size(study: StudyData) -> str:
     return f"{n} comparison" + ("s" if n != 1 else "")
 
 
+def _split_text(study: StudyData) -> str:
+    """What Methods says about the train/validation split, from the arms' ``data.split_seed``
+    (and, where the runs kept predictions, which images they actually held out)."""
+    spec = study.spec
+    chosen = {
+        spec.arm_config(g, v).data.split_seed for g in spec.group_names for v in spec.variant_names
+    }
+    if chosen == {SPLIT_SEED_RUN}:
+        text = (
+            "Each seed draws its own train/validation split (data.split_seed: run), and runs "
+            "with the same seed share it, so the spread over seeds, and every interval here, "
+            "covers which images are held out as well as training noise (Bouthillier et al., "
+            "MLSys 2021)."
+        )
+        ids = {r.predictions.val_id for r in study.runs if r.predictions is not None}
+        if len(ids) == 1 and len({r.seed for r in study.runs if r.predictions}) > 1:
+            text += (
+                " Here, though, every seed held out the same images: the source's own test "
+                "split does not depend on the seed (only the training subset is redrawn)."
+            )
+        return text
+    if SPLIT_SEED_RUN in chosen:
+        return (
+            "Some arms redraw the train/validation split with each seed (data.split_seed: "
+            "run) and others keep one: their comparisons pair runs that held out different "
+            "images, and have no seeds × images interval."
+        )
+    fixed = ", ".join(str(0 if x is None else x) for x in sorted(chosen, key=str))
+    return (
+        f"The train/validation split is drawn once (with seed {fixed}) for every run "
+        "(data.split_seed), so the seed-only intervals cover training noise only, not the "
+        "sampling of the validation images; the seeds × images interval covers both."
+    )
+
+
 def methods_text(study: StudyData) -> list[str]:
     spec = study.spec
     lines = [
         f"Every arm ran with the same seeds ({', '.join(map(str, spec.seeds))}); a seed fixes "
         "the initialisation, the batch order and the augmentation, so runs with the same seed "
-        "are paired. The train/validation split is drawn once (with seed 0) for every run, so "
-        "every interval here covers training noise only, not the sampling of the validation "
-        "images.",
+        "are paired. " + _split_text(study),
         f"Per arm: mean, sample standard deviation (ddof = 1) and {CONFIDENCE:.0%} t-interval "
         "over the completed runs. Final-epoch accuracy is the honest number; best-epoch "
         "accuracy picks the epoch on the validation set itself, so it is optimistic (the "
@@ -107,12 +148,24 @@ def methods_text(study: StudyData) -> list[str]:
         "sign-flip test and the paired t-interval, beyond that from the noncentral t "
         f"distribution, at level {ALPHA:g} divided by the family size (Bonferroni, which the "
         "step-down procedure used is never stricter than, so the figure is enough for it).",
+        "Seeds × images interval, per comparison where every run of both arms kept its "
+        f"per-image predictions: a percentile bootstrap ({IMAGE_RESAMPLES} resamples) of the "
+        "mean paired difference that resamples the seeds and, independently, the validation "
+        "images with replacement, with the same image indices for every seed and both arms "
+        "since all saw the same images (a two-way 'pigeonhole' bootstrap, Owen 2007). It "
+        "errs on the wide side where models disagree image by image from seed to seed, and, "
+        "like every bootstrap over few seeds, on the narrow side in its seed part. Where each "
+        "seed drew its own split, only the seeds are resampled: their means already vary with "
+        "the images drawn. It is descriptive (the claim rule above does not use it): a claimed "
+        "difference whose seeds × images interval includes 0 holds on these validation images "
+        "but is not shown to carry over to other images like them. Runs made before normlab "
+        "kept predictions have none ('not available').",
         "One seed per arm: no seed-to-seed variance can be estimated and no difference can be "
-        "detected. The binomial view (Fisher's exact test on correct/incorrect validation "
-        "counts) then shows whether the gap exceeds even the sampling noise of the validation "
-        "images; it ignores training noise and treats the two evaluations as independent "
-        "(both models saw the same images; McNemar's test on per-image predictions would be "
-        "sharper, but those are not recorded).",
+        "detected. The binomial view then shows whether the gap exceeds even the sampling "
+        "noise of the validation images, ignoring training noise: McNemar's exact test on the "
+        "images where the two models disagree (scipy.stats.binomtest), where both runs kept "
+        "per-image predictions; for runs made before that, Fisher's exact test on the "
+        "correct/incorrect counts, which treats the two evaluations as independent.",
         "Diverged runs (NaN/Inf loss) and unfinished runs are left out of the accuracy "
         "statistics and counted per arm.",
     ]
@@ -131,6 +184,21 @@ def methods_text(study: StudyData) -> list[str]:
             + " in every run (unless a variant sets it)."
         )
     return lines
+
+
+def images_caveats(analysis: Analysis) -> list[str]:
+    """A note for every claimed difference whose seeds x images interval includes 0."""
+    notes = []
+    for gc in analysis.comparisons:
+        c, ci = gc.comparison, gc.comparison.images_ci
+        if c.detected and ci is not None and ci[0] <= 0 <= ci[1]:
+            notes.append(
+                f"{(gc.group + ': ') if gc.group else ''}{c.variant} − {c.baseline} is claimed "
+                f"on the seeds, but its seeds × images interval, {100 * ci[0]:+.2f} to "
+                f"{100 * ci[1]:+.2f} points, includes 0: it is not shown to hold beyond these "
+                "validation images"
+            )
+    return notes
 
 
 def build_document(study: StudyData) -> ReportDocument:
@@ -187,6 +255,12 @@ def build_document(study: StudyData) -> ReportDocument:
             warnings.append(
                 f"{arm.arm}: {lost} of {len(arm.runs)} runs diverged and are left out of its "
                 "statistics (which flatters it)"
+            )
+    warnings += images_caveats(analysis)
+    for r in study.runs:
+        if r.predictions_error:
+            warnings.append(
+                f"{r.key}: {r.predictions_error}; its comparisons have no seeds × images interval"
             )
     unfinished = sum(1 for r in study.runs if r.status in ("running", "pending"))
     if unfinished:

@@ -34,11 +34,16 @@ Conventions:
   stays as observed (both are uncertain with few seeds). :func:`seeds_needed` keeps the normal
   approximation, which is optimistic at small n.
 * One seed per arm: no seed-to-seed variance can be estimated, so no difference can be
-  detected, and the verdict says so. When the validation-set size is known, the binomial view
-  is added: Fisher's exact test on the two correct/incorrect counts
-  (``scipy.stats.fisher_exact``), which accounts only for the sampling of validation images
-  (it treats the two accuracies as independent samples; both models saw the same images, for
-  which McNemar's test on per-image predictions would be sharper, but those are not recorded).
+  detected, and the verdict says so. The binomial view is added, which accounts only for the
+  sampling of validation images: with both runs' per-image predictions, McNemar's exact test
+  (:func:`mcnemar`: both models saw the same images, so only the images on which they disagree
+  carry information); for runs made before normlab kept predictions, when the validation-set
+  size is known, Fisher's exact test on the two correct/incorrect counts
+  (``scipy.stats.fisher_exact``; it treats the two accuracies as independent samples).
+* Validation-image sampling (:func:`two_way_bootstrap_ci`, from per-image predictions): the
+  seed-only intervals above treat the validation images as fixed; beside them the report gives
+  a percentile interval that also resamples the images (see that function for the scheme).
+  It is descriptive: the claim rule above does not use it.
 """
 
 from __future__ import annotations
@@ -273,6 +278,13 @@ class Comparison:
     family_size: int = 1
     descriptive: bool = False  # reported, never claimed (not in the tested family)
     unit: Unit = POINTS  # how differences are written (points for accuracies)
+    # validation-image sampling, from the runs' per-image predictions (with_images): the
+    # seeds x images interval of diff; the design ("crossed": one split for all seeds,
+    # "nested": a split per seed); why they are missing; McNemar's test for one seed per arm
+    images_ci: tuple[float, float] | None = None
+    images_design: str = ""
+    images_note: str = ""
+    mcnemar: McNemar | None = None
 
     @property
     def n(self) -> int:
@@ -440,7 +452,9 @@ def verdict(c: Comparison, power: float = POWER) -> str:
             f"seed-to-seed variation, so a gap of {gap} ({c.variant} {u.amount(c.variant_mean)} vs "
             f"{c.baseline} {u.amount(c.baseline_mean)}) cannot be told from noise"
         )
-        if c.binomial is not None:
+        if c.mcnemar is not None:
+            text += _mcnemar_text(c, c.mcnemar)
+        elif c.binomial is not None:
             bn = c.binomial
             images = abs(bn.correct_b - bn.correct_a)
             text += (
@@ -546,3 +560,210 @@ def verdict(c: Comparison, power: float = POWER) -> str:
             "likely noise"
         )
     return "".join(parts)
+
+
+# -- validation-image sampling: from per-image predictions ---------------------------------------
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Two models' per-image correctness on the same validation images, and McNemar's exact
+    test: under "equally accurate" each image that one model alone gets right is equally likely
+    to be either's, so ``variant_only ~ Binomial(variant_only + baseline_only, 1/2)``."""
+
+    correct_a: int  # images the baseline gets right
+    correct_b: int  # images the variant gets right
+    n: int  # images
+    variant_only: int  # right by the variant, wrong by the baseline
+    baseline_only: int  # right by the baseline, wrong by the variant
+    p_value: float  # two-sided exact binomial p (scipy.stats.binomtest); 1 with no discordance
+
+
+def mcnemar(variant_correct: Any, baseline_correct: Any) -> McNemar:
+    """McNemar's exact test on two boolean per-image correctness arrays of the same images."""
+    v = np.asarray(variant_correct, dtype=bool)
+    b = np.asarray(baseline_correct, dtype=bool)
+    if v.shape != b.shape or v.ndim != 1:
+        raise ValueError(f"mcnemar: per-image arrays of one shape needed, got {v.shape}, {b.shape}")
+    only_v, only_b = int(np.count_nonzero(v & ~b)), int(np.count_nonzero(b & ~v))
+    discordant = only_v + only_b
+    p = 1.0 if discordant == 0 else float(stats.binomtest(only_v, discordant, 0.5).pvalue)
+    return McNemar(
+        correct_a=int(np.count_nonzero(b)),
+        correct_b=int(np.count_nonzero(v)),
+        n=int(v.size),
+        variant_only=only_v,
+        baseline_only=only_b,
+        p_value=min(1.0, p),
+    )
+
+
+_CHUNK = 256  # bootstrap resamples drawn at a time (bounds memory at ~ _CHUNK x images)
+IMAGE_RESAMPLES = 1999
+"""Resamples of the seeds x images bootstrap: each costs a draw per image (or per group of
+interchangeable images); the percentile ends then carry a Monte Carlo error of about 0.06
+bootstrap standard deviations."""
+
+
+def two_way_bootstrap_ci(
+    variant: Sequence[Any],
+    baseline: Sequence[Any],
+    *,
+    same_images: bool = True,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = IMAGE_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean paired difference ``variant - baseline``
+    that resamples the validation images as well as the seeds.
+
+    ``variant[k]`` and ``baseline[k]`` are per-image values (correctness, 0/1) of the two arms'
+    runs with the k-th common seed, on the same images in the same order (the pairing: both
+    models saw exactly these images). The statistic is the mean over seeds and images of the
+    per-image difference ``D[s, i]``, i.e. the mean paired accuracy difference.
+
+    ``same_images=True`` (one split for every seed; crossed seeds x images): each resample
+    draws n seeds with replacement and, independently, m image indices with replacement, and
+    takes the mean of ``D`` over that seeds x images block. The same image indices serve every
+    seed and both arms, since all saw the same images: so the interval carries the image-to-
+    image variation of the gap, which the seed-only intervals hold fixed, besides the seed-to-
+    seed variation (Owen 2007, "The pigeonhole bootstrap"; Bouthillier et al., MLSys 2021, on
+    accounting for the data sampling). Its variance is exactly ``mean(a^2)/n + mean(b^2)/m +
+    mean(e^2)/(nm)`` for the two-way decomposition ``D = mu + a_s + b_i + e_si`` of the
+    observed table: about the true variance plus ``2 var(e)/(nm)``, so it errs on the wide side
+    where models differ image by image from seed to seed (churn), and, like every bootstrap
+    over few seeds, on the narrow side for the seed part (a factor (n-1)/n). The test suite
+    checks coverage by simulation: near 95% where seed and image effects dominate, above where
+    churn does.
+
+    ``same_images=False`` (the split redrawn with each seed: images nested in seeds): each
+    seed's mean difference already varies with its own draw of images, so only the seeds are
+    resampled (resampling images within seeds as well would count their variation twice;
+    Davison & Hinkley 1997, section 3.8).
+
+    NaN below two seeds; the point itself when every per-image difference is equal. Numpy,
+    vectorised, seeded by ``seed``.
+    """
+    rows = [
+        np.asarray(v, dtype=np.float64).reshape(-1) - np.asarray(b, dtype=np.float64).reshape(-1)
+        for v, b in zip(variant, baseline, strict=True)
+    ]
+    n = len(rows)
+    nan = float("nan")
+    if n < 2 or any(r.size == 0 for r in rows):
+        return nan, nan
+    first = rows[0][0]
+    if all(np.all(r == first) for r in rows):
+        return float(first), float(first)
+    draws = _two_way_draws(rows, same_images, n_resamples, np.random.default_rng(seed))
+    alpha = 1 - confidence
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _two_way_draws(
+    rows: list[np.ndarray], same_images: bool, n_resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The bootstrap distribution of :func:`two_way_bootstrap_ci` (``rows``: each seed's
+    per-image differences)."""
+    n = len(rows)
+    if not same_images:
+        seed_means = np.asarray([r.mean() for r in rows])
+        draws = seed_means[rng.integers(0, n, (n_resamples, n))].mean(axis=1)
+    else:
+        if any(r.shape != rows[0].shape for r in rows):
+            raise ValueError("two_way_bootstrap_ci: same_images needs one image count per seed")
+        # Images with the same column of differences over the seeds are interchangeable:
+        # resample them as groups (how many draws land in each group is multinomial with the
+        # group sizes), which is the same bootstrap with far fewer random numbers.
+        patterns, group = np.unique(np.stack(rows).T, axis=0, return_inverse=True)  # [P, n], [m]
+        group = group.reshape(-1)
+        sizes = np.bincount(group, minlength=len(patterns))
+        m, n_groups = int(sizes.sum()), len(patterns)
+        draws = np.empty(n_resamples, dtype=np.float64)
+        for start in range(0, n_resamples, _CHUNK):
+            k = min(_CHUNK, n_resamples - start)
+            # how often each seed / group of images is drawn in each of k resamples
+            seed_w = _counts(rng.integers(0, n, (k, n)), n)  # [k, n]
+            if 4 * n_groups < m:  # the cheaper way to draw them (same distribution)
+                group_w = rng.multinomial(m, sizes / m, size=k).astype(np.float64)  # [k, P]
+            else:
+                group_w = _counts(group[rng.integers(0, m, (k, m))], n_groups)
+            per_seed = group_w @ patterns  # [k, n]: each seed's sum over the resampled images
+            draws[start : start + k] = (seed_w * per_seed).sum(axis=1) / (n * m)
+    return draws
+
+
+def _counts(idx: np.ndarray, size: int) -> np.ndarray:
+    """Per row of ``idx`` ([k, draws] indices into ``range(size)``), how often each index
+    occurs: [k, size] (float64, for the matrix products)."""
+    k = idx.shape[0]
+    flat = (idx + size * np.arange(k)[:, None]).reshape(-1)
+    return np.bincount(flat, minlength=k * size).reshape(k, size).astype(np.float64)
+
+
+IMAGES_CROSSED = "crossed"  # one validation split for every seed
+IMAGES_NESTED = "nested"  # the split redrawn with each seed
+
+
+def with_images(
+    c: Comparison,
+    baseline: Mapping[int, Any],
+    variant: Mapping[int, Any],
+    *,
+    design: str,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = IMAGE_RESAMPLES,
+    seed: int = 0,
+    power: float = POWER,
+) -> Comparison:
+    """``c`` with what the per-image correctness of its runs adds (each mapping: seed ->
+    boolean per-image array, for at least ``c.seeds``; ``design``: :data:`IMAGES_CROSSED` or
+    :data:`IMAGES_NESTED`): the seeds x images interval (:func:`two_way_bootstrap_ci`) from two
+    seeds on, McNemar's test (:func:`mcnemar`) with one."""
+    if design not in (IMAGES_CROSSED, IMAGES_NESTED):
+        raise ValueError(f"with_images: design must be crossed or nested, got {design!r}")
+    if c.n == 0:
+        return c
+    if c.n == 1:
+        only = c.seeds[0]
+        return _with_verdict(
+            replace(c, mcnemar=mcnemar(variant[only], baseline[only]), images_design=design),
+            power,
+        )
+    ci = two_way_bootstrap_ci(
+        [variant[s] for s in c.seeds],
+        [baseline[s] for s in c.seeds],
+        same_images=design == IMAGES_CROSSED,
+        confidence=confidence,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    return replace(c, images_ci=ci, images_design=design)
+
+
+def without_images(c: Comparison, note: str) -> Comparison:
+    """``c`` with the reason its per-image statistics are not available."""
+    return replace(c, images_note=note)
+
+
+def _mcnemar_text(c: Comparison, mc: McNemar) -> str:
+    """The one-seed verdict's image-by-image clause."""
+    text = (
+        f"; it is {abs(mc.correct_b - mc.correct_a)} of {mc.n} validation images "
+        f"({mc.correct_b} vs {mc.correct_a} correct; {mc.variant_only} right only by "
+        f"{c.variant}, {mc.baseline_only} only by {c.baseline})"
+    )
+    test = (
+        f"McNemar's exact test on the {mc.variant_only + mc.baseline_only} images the two "
+        "disagree on"
+    )
+    if mc.p_value >= c.alpha:
+        return text + (
+            f", within the sampling noise of the validation set alone ({test}, "
+            f"p = {mc.p_value:.2f})"
+        )
+    return text + (
+        f", more than validation sampling alone explains ({test}, p = {mc.p_value:.2g}), but "
+        "seed-to-seed variation, usually larger, is unknown"
+    )

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from markupsafe import Markup, escape
 
@@ -80,6 +80,7 @@ def verdict_table(comparisons: Sequence[GroupComparison], *, pairs: bool = False
         "diff (points)" if all(gc.comparison.unit is POINTS for gc in comparisons) else "diff",
         "paired t 95% CI",
         "bootstrap 95% CI",
+        "seeds × images 95% CI",
         "sign-flip p",
         "adjusted p",
         "verdict",
@@ -106,12 +107,22 @@ def verdict_table(comparisons: Sequence[GroupComparison], *, pairs: bool = False
                 pts(c.diff),
                 ci(c.t_ci),
                 ci(c.bootstrap_ci),
+                _images(c, ci),
                 "–" if not math.isfinite(c.p_value) else f"{c.p_value:.3g}",
                 _adjusted(c),
                 c.verdict,
             ]
         )
     return headers, rows
+
+
+def _images(c: Comparison, ci: Callable[[tuple[float, float]], str]) -> str:
+    """The interval that also resamples the validation images, or why there is none."""
+    if c.images_ci is not None:
+        return ci(c.images_ci)
+    if c.mcnemar is not None:
+        return f"– (1 seed: McNemar p = {c.mcnemar.p_value:.3g})"
+    return c.images_note or "–"
 
 
 def _adjusted(c: Comparison) -> str:
