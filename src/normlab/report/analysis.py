@@ -240,10 +240,9 @@ def judge_family(
     """
     members = [Member(gc.group, gc.comparison.variant, gc.comparison.baseline) for gc in family]
     result = adjust(values, members, seed=seed)
-    size = sum(1 for p in result.adjusted if math.isfinite(p))
     for gc, p_adj in zip(family, result.adjusted, strict=True):
         if math.isfinite(p_adj):
-            gc.comparison = in_family(gc.comparison, p_adj, size)
+            gc.comparison = in_family(gc.comparison, p_adj, result.size)
     return result
 
 

@@ -372,7 +372,7 @@ class CompareResult:
     def family_size(self, metric: str) -> int:
         """The comparisons of ``metric`` judged as a family (those with >= 2 common seeds)."""
         family = self.families.get(metric)
-        return 0 if family is None else sum(1 for p in family.adjusted if math.isfinite(p))
+        return 0 if family is None else family.size
 
     def __str__(self) -> str:
         return render_text(self)

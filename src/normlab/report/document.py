@@ -74,10 +74,9 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "study"
 
 
-def _family_size(study: StudyData) -> str:
-    spec = study.spec
-    per_group = len(spec.variant_names) - 1 + len(spec.comparisons)
-    n = per_group * len(spec.group_names)
+def _family_size(analysis: Analysis) -> str:
+    """The family's size as the verdicts count it (comparisons with >= 2 common seeds)."""
+    n = analysis.family.size if analysis.family is not None else 0
     return f"{n} comparison" + ("s" if n != 1 else "")
 
 
@@ -116,7 +115,7 @@ def _split_text(study: StudyData) -> str:
     )
 
 
-def methods_text(study: StudyData) -> list[str]:
+def methods_text(study: StudyData, analysis: Analysis) -> list[str]:
     spec = study.spec
     lines = [
         f"Every arm ran with the same seeds ({', '.join(map(str, spec.seeds))}); a seed fixes "
@@ -133,7 +132,7 @@ def methods_text(study: StudyData) -> list[str]:
         f"With n seeds its smallest possible p is 2/2^n: at least {min_seeds_for(ALPHA)} seeds "
         f"are needed to ever reach p < {ALPHA:g}.",
         "Family-wise error control: the family is every final-epoch comparison of this report "
-        f"({_family_size(study)}); best-epoch comparisons are descriptive and never claimed. "
+        f"({_family_size(analysis)}); best-epoch comparisons are descriptive and never claimed. "
         "The p-values are adjusted by Westfall and Young's step-down minP procedure over "
         "within-seed permutations of the arm labels (exact when the permutations are few, "
         f"else {FAMILY_RESAMPLES} random ones): where no arm truly differs, the chance that "
@@ -296,6 +295,6 @@ def build_document(study: StudyData) -> ReportDocument:
         spec_yaml=dumps(spec_doc),
         base_config_yaml=dumps(base_cfg),
         arm_overrides=arm_overrides,
-        methods=methods_text(study),
+        methods=methods_text(study, analysis),
         warnings=warnings,
     )

@@ -66,7 +66,9 @@ class FamilyResult:
 
     @property
     def size(self) -> int:
-        return len(self.members)
+        """The comparisons actually in the family: those with an adjusted p-value (at least 2
+        common seeds); the others can never be claimed and do not count."""
+        return sum(1 for p in self.adjusted if math.isfinite(p))
 
 
 def adjust(

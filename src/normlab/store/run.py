@@ -168,11 +168,6 @@ class RunDir:
         """The run's saved config, validated (ConfigError naming the file and key)."""
         return config_from_dict(self.read_config_dict(), source=str(self.config_path))
 
-    def read_meta(self) -> dict[str, Any]:
-        """The ``meta`` (provenance) section of ``config.yaml``; empty when absent."""
-        meta = self.read_config_doc().get("meta")
-        return dict(meta) if isinstance(meta, Mapping) else {}
-
     # -- metrics -----------------------------------------------------------------------------
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """Append one epoch's row and flush it to disk."""
