@@ -37,7 +37,8 @@ def _p(x: float | None) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
-def main() -> None:
+def render() -> str:
+    """The markdown this script writes (a test checks the committed file equals it)."""
     out = [
         "# The findings re-judged under the family-wise rule",
         "",
@@ -70,7 +71,11 @@ def main() -> None:
                 f"| {'> 1000' if need and need > 1000 else need} |"
             )
         out.append("")
-    (HERE / "rejudged.md").write_text("\n".join(out))
+    return "\n".join(out)
+
+
+def main() -> None:
+    (HERE / "rejudged.md").write_text(render())
     print(HERE / "rejudged.md")
 
 
