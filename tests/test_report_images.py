@@ -26,6 +26,7 @@ from normlab.report.stats import (
     two_way_bootstrap_ci,
     with_images,
 )
+from normlab.report.tables import _images
 from normlab.store import Predictions, RunDir
 from normlab.study.runner import run_study
 from normlab.study.spec import spec_from_dict
@@ -37,14 +38,19 @@ def _width(ci: tuple[float, float]) -> float:
     return ci[1] - ci[0]
 
 
-def test_identical_predictions_give_a_zero_width_interval():
+def test_constant_per_image_differences_give_no_interval_and_say_why():
+    """Issue 12, item 6: never an interval of width 0 (the seed-only intervals' policy)."""
     rng = np.random.default_rng(0)
     same = [rng.random(50) < 0.6 for _ in range(4)]
-    assert two_way_bootstrap_ci(same, same) == (0.0, 0.0)
-    assert two_way_bootstrap_ci(same, same, same_images=False) == (0.0, 0.0)
+    assert all(np.isnan(two_way_bootstrap_ci(same, same)))
+    assert all(np.isnan(two_way_bootstrap_ci(same, same, same_images=False)))
     ones, zeros = [np.ones(9)] * 3, [np.zeros(9)] * 3
-    assert two_way_bootstrap_ci(ones, zeros) == (1.0, 1.0)  # every image, every seed: +1
+    assert all(np.isnan(two_way_bootstrap_ci(ones, zeros)))  # every image, every seed: +1
     assert all(np.isnan(two_way_bootstrap_ci(same[:1], same[1:2])))  # one seed: no interval
+    c = compare({0: 0.6, 1: 0.6}, {0: 0.6, 1: 0.6})
+    c = with_images(c, dict(enumerate(same[:2])), dict(enumerate(same[:2])), design=IMAGES_CROSSED)
+    assert c.images_ci is None and "no variation to resample" in c.images_note
+    assert "no variation to resample" in _images(c, str)
 
 
 def _decomposition_variance(d: np.ndarray) -> float:

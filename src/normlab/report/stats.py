@@ -641,7 +641,8 @@ def two_way_bootstrap_ci(
     resampled (resampling images within seeds as well would count their variation twice;
     Davison & Hinkley 1997, section 3.8).
 
-    NaN below two seeds; the point itself when every per-image difference is equal. Numpy,
+    NaN below two seeds, and NaN when every per-image difference is equal (no variation to
+    resample: the same policy as the seed-only intervals; :func:`with_images` says why). Numpy,
     vectorised, seeded by ``seed``.
     """
     rows = [
@@ -652,13 +653,24 @@ def two_way_bootstrap_ci(
     nan = float("nan")
     if n < 2 or any(r.size == 0 for r in rows):
         return nan, nan
-    first = rows[0][0]
-    if all(np.all(r == first) for r in rows):
-        return float(first), float(first)
+    if _constant(rows):
+        return nan, nan
     draws = _two_way_draws(rows, same_images, n_resamples, np.random.default_rng(seed))
     alpha = 1 - confidence
     low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def _constant(rows: list[np.ndarray]) -> bool:
+    """Whether every per-image difference of every seed is the same number."""
+    first = rows[0][0]
+    return all(bool(np.all(r == first)) for r in rows)
+
+
+CONSTANT_IMAGES_NOTE = (
+    "no interval: every per-image difference is the same on every seed and image, so there is "
+    "no variation to resample"
+)
 
 
 def _two_way_draws(
@@ -731,14 +743,24 @@ def with_images(
             replace(c, mcnemar=mcnemar(variant[only], baseline[only]), images_design=design),
             power,
         )
+    variant_rows = [variant[s] for s in c.seeds]
+    baseline_rows = [baseline[s] for s in c.seeds]
     ci = two_way_bootstrap_ci(
-        [variant[s] for s in c.seeds],
-        [baseline[s] for s in c.seeds],
+        variant_rows,
+        baseline_rows,
         same_images=design == IMAGES_CROSSED,
         confidence=confidence,
         n_resamples=n_resamples,
         seed=seed,
     )
+    if not math.isfinite(ci[0]):
+        diffs = [
+            np.asarray(v, dtype=np.float64).reshape(-1)
+            - np.asarray(b, dtype=np.float64).reshape(-1)
+            for v, b in zip(variant_rows, baseline_rows, strict=True)
+        ]
+        if all(d.size for d in diffs) and _constant(diffs):
+            return replace(c, images_design=design, images_note=CONSTANT_IMAGES_NOTE)
     return replace(c, images_ci=ci, images_design=design)
 
 
