@@ -11,6 +11,7 @@ from typing import Any
 from normlab.config import config_to_dict
 from normlab.data import SPLIT_SEED_RUN
 from normlab.report.analysis import Analysis, analyze
+from normlab.report.budgets import Ladder, ladder_figures, ladders
 from normlab.report.data import StudyData
 from normlab.report.family import N_RESAMPLES as FAMILY_RESAMPLES
 from normlab.report.figures import (
@@ -55,6 +56,7 @@ class ReportDocument:
     arm_overrides: list[tuple[str, dict[str, Any]]]
     methods: list[str]
     warnings: list[str] = field(default_factory=list)
+    ladders: list[Ladder] = field(default_factory=list)  # a study with budgets (report.budgets)
 
 
 def package_versions() -> dict[str, str]:
@@ -173,6 +175,19 @@ def methods_text(study: StudyData, analysis: Analysis) -> list[str]:
             f"Learning rate scaled linearly with the batch size: each run's optim.lr is the "
             f"configured lr x batch_size / {spec.lr_reference_batch_size}."
         )
+    if spec.budgets:
+        rungs = "; ".join(
+            f"{b.name}: epochs x{b.epochs:g}, training images x{b.train:g}" for b in spec.budgets
+        )
+        lines.append(
+            f"Budget ladder ({rungs}): every group ran at every rung, on top of its arms' own "
+            "settings (normlab.study.spec), as the group GROUP@RUNG; the rungs' comparisons are "
+            "all in the one family above. Along the ladder, the trend of each comparison is "
+            "read from its claims at the rungs (holds, reverses, appears, fades, some rungs "
+            "only, none); the change in size from the first to the last rung is the mean over "
+            "seeds of the difference of the paired effects, with its paired t-interval, "
+            "descriptive and outside the family (normlab.report.budgets)."
+        )
     rt = spec.base.get("runtime") or {}
     if rt:
         lines.append(
@@ -234,6 +249,9 @@ def build_document(study: StudyData) -> ReportDocument:
                 "overview",
             ),
         )
+    ladder = ladders(analysis)
+    for title, fig in ladder_figures(ladder):
+        figures.append(FigureEntry(f"ladder-{_slug(title)[:40]}", title, to_png(fig), "ladder"))
     mech, note = mechanism_figures(study)
     for i, (title, fig) in enumerate(mech):
         figures.append(
@@ -297,4 +315,5 @@ def build_document(study: StudyData) -> ReportDocument:
         arm_overrides=arm_overrides,
         methods=methods_text(study, analysis),
         warnings=warnings,
+        ladders=ladder,
     )

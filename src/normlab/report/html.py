@@ -8,7 +8,9 @@ from pathlib import Path
 
 import jinja2
 
+from normlab.report.budgets import ladder_table
 from normlab.report.document import ReportDocument
+from normlab.report.markdown import LADDER_INTRO
 from normlab.report.mechanisms import mechanism_table
 from normlab.report.tables import (
     arms_table,
@@ -55,6 +57,14 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 {% if gc.group %}<b>{{ gc.group }}</b>: {% endif %}<b>{{ gc.comparison.variant }}</b> vs <b>{{ gc.comparison.baseline }}</b>
 (final-epoch val accuracy): {{ gc.comparison.verdict }}</p>
 {% else %}<p>No comparisons: the study has a single variant.</p>{% endfor %}
+
+{% if doc.ladders %}<h2>Along the budget ladder</h2>
+<p>{{ ladder_intro }}</p>
+<ul>{% for lad in doc.ladders %}<li>{{ lad.sentence() }}</li>{% endfor %}</ul>
+{{ table(ladder) }}
+{% for f in figures if f.section == "ladder" %}
+<figure><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.b64 }}"><figcaption>{{ f.title }}</figcaption></figure>
+{% endfor %}{% endif %}
 
 {% for f in figures if f.section == "overview" %}
 <figure><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.b64 }}"><figcaption>{{ f.title }}</figcaption></figure>
@@ -144,6 +154,8 @@ def render_html(doc: ReportDocument) -> str:
         mechanisms=mechanism_table(doc.study),
         figures=figures,
         study_file=str(doc.study.out / "study.yaml"),
+        ladder=ladder_table(doc.ladders),
+        ladder_intro=LADDER_INTRO,
     )
 
 

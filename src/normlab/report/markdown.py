@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from normlab.report.budgets import ladder_table
 from normlab.report.document import ReportDocument
 from normlab.report.mechanisms import mechanism_table
 from normlab.report.tables import (
@@ -14,6 +15,13 @@ from normlab.report.tables import (
     timing_table,
 )
 from normlab.store import atomic_write_text
+
+LADDER_INTRO = (
+    "Each comparison at every budget rung, judged in the study's one family (the per-rung "
+    "rows are in the comparisons table, group GROUP@RUNG). The trend reads the claims along "
+    "the ladder; the change in size from the first to the last rung is descriptive "
+    "(normlab.report.budgets)."
+)
 
 
 def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
@@ -49,6 +57,10 @@ def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
     if not finals:
         out.append("No comparisons: the study has a single variant.")
     out += [""]
+    if doc.ladders:
+        out += ["## Along the budget ladder", "", LADDER_INTRO, ""]
+        out += [f"- {lad.sentence()}" for lad in doc.ladders] + [""]
+        out += [markdown_table(ladder_table(doc.ladders)), *figs("ladder")]
     out += figs("overview")
     title = "Comparisons with the baseline" + (" and other pairs" if spec.comparisons else "")
     out += [f"## {title}", "", markdown_table(comparisons_table(doc.analysis))]

@@ -22,6 +22,9 @@ A study is a YAML file (``normlab studies --show placement`` prints a built-in o
     lr_reference_batch_size: 128    # optional: optim.lr *= batch_size / 128 in every run
     devices: 1                      # optional: processes per run (DDP via torchrun); also a
                                     #   key of base, of a group or of a variant
+    budgets:                        # optional: a ladder of training budgets, crossed with the
+      x1: {}                        #   groups (see below)
+      x4: {epochs: 4, train: 4}
     notes: free text shown in the report
     extends: other.yaml             # optional: start from another spec (see below)
     flip_defaults: {digits: false}  # written by the study runner (see below)
@@ -45,8 +48,19 @@ when it plans, with each source's default of the time (``Source.flip``), so resu
 seeds later flips as the first runs did; a saved ``study.yaml`` without it was made when every
 source was flipped, and resumes so (:func:`normlab.study.plan.saved_flips`).
 
+``budgets`` turns a study into a ladder: each rung multiplies every arm's training length
+(``epochs``, default 1) and training-set size (``train``: multiplies ``data.limit_train``,
+which must then be set; default 1), on top of the base, its group and its variant. The rungs
+are crossed with the groups: a study with groups ``bs8, bs32`` and rungs ``x1, x4`` runs the
+groups ``bs8@x1, bs8@x4, bs32@x1, bs32@x4`` (without groups, the rungs are the groups), each a
+group like any other: its runs live under its name, and the report compares arms within it,
+so the study-level family covers every rung. A scaled length or size must be a whole number.
+Other settings stay as the arm has them: ``optim.warmup_epochs`` stays in epochs, the
+learning-rate schedule stretches over the longer run (it is defined per step over the total),
+and a larger ``limit_train`` draws a class-stratified superset of the smaller one (same seed).
+
 A run's configuration is ``base`` < the group's overrides < the variant's overrides, then the
-linear learning-rate scaling. Command-line overrides (``--set``, ``--epochs``, ``--data``)
+linear learning-rate scaling, then the rung's multipliers. Command-line overrides (``--set``, ``--epochs``, ``--data``)
 change the *base*: a key that a group or variant sets keeps the group's or variant's value
 (:func:`shadowed_keys` lists such keys so that the CLI can say so).
 
@@ -90,6 +104,7 @@ _TOP_KEYS = (
     "devices",
     "notes",
     "flip_defaults",
+    "budgets",
 )
 DEVICES_KEY = "devices"
 """The study key (top level, base, group, variant) giving the processes per run."""
@@ -131,6 +146,24 @@ Group = Entry
 """A setting every variant is run in (a model, a batch size), compared within, not across: an
 :class:`Entry` of ``groups``."""
 
+RUNG_SEP = "@"
+"""Joins a group and a budget rung into the name of the group the study runs (``bs8@x4``)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One rung of a budget ladder (module docstring): multipliers of every arm's ``epochs``
+    and ``data.limit_train``."""
+
+    name: str
+    epochs: float = 1.0
+    train: float = 1.0
+
+    @property
+    def scale(self) -> float:
+        """Training images seen, relative to the arm's own budget (epochs x training set)."""
+        return self.epochs * self.train
+
 
 @dataclass(frozen=True)
 class StudySpec:
@@ -154,15 +187,44 @@ class StudySpec:
     # data source -> data.flip of the runs that leave it to their source (module docstring);
     # None: not recorded (each source's default applies)
     flip_defaults: Mapping[str, bool] | None = None
+    budgets: tuple[Budget, ...] = ()  # the ladder's rungs, in order (module docstring)
 
     @property
     def variant_names(self) -> list[str]:
         return [v.name for v in self.variants]
 
     @property
-    def group_names(self) -> list[str | None]:
-        """The group names, or ``[None]`` for a study without groups."""
+    def declared_groups(self) -> list[str | None]:
+        """The ``groups`` names as the spec declares them, or ``[None]`` without groups."""
         return [g.name for g in self.groups] or [None]
+
+    @property
+    def group_names(self) -> list[str | None]:
+        """The groups the study runs: the declared groups (``[None]`` without any), each crossed
+        with the budget rungs when there are some (:func:`rung_group`)."""
+        if not self.budgets:
+            return self.declared_groups
+        return [rung_group(g, b.name) for g in self.declared_groups for b in self.budgets]
+
+    def split_group(self, name: str | None) -> tuple[str | None, Budget | None]:
+        """A run group's declared group and budget rung (``"bs8@x4"`` -> ``("bs8", x4)``)."""
+        if not self.budgets or name is None:
+            return name, None
+        group, sep, rung = name.rpartition(RUNG_SEP)
+        if not self.groups:
+            group, rung = "", name
+        elif not sep:
+            raise ConfigError(
+                f"study '{self.name}' runs its groups per budget rung: a group name is "
+                f"GROUP{RUNG_SEP}RUNG, got '{name}'"
+            )
+        for b in self.budgets:
+            if b.name == rung:
+                return group or None, b
+        raise ConfigError(
+            f"study '{self.name}' has no budget rung '{rung}'; rungs: "
+            + ", ".join(b.name for b in self.budgets)
+        )
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -171,6 +233,8 @@ class StudySpec:
         raise ConfigError(f"study '{self.name}' has no variant '{name}'")
 
     def group(self, name: str | None) -> Group | None:
+        """The declared group of a run group (its rung, if any, is :meth:`split_group`'s)."""
+        name, _ = self.split_group(name)
         if name is None:
             return None
         for g in self.groups:
@@ -195,8 +259,8 @@ class StudySpec:
         return self.devices
 
     def arm_dict(self, group: str | None, variant: str) -> dict[str, Any]:
-        """The config mapping of one arm: base < group < variant, then ``flip_defaults`` and
-        the lr scaling."""
+        """The config mapping of one arm: base < group < variant, then ``flip_defaults``, the
+        lr scaling and the budget rung's multipliers."""
         data = apply_overrides(self.base, self.arm_overrides(group, variant))
         source = arm_flip_source(data)
         if source is not None and source in (self.flip_defaults or {}):
@@ -207,11 +271,48 @@ class StudySpec:
                 data,
                 {"optim.lr": config.optim.lr * config.batch_size / self.lr_reference_batch_size},
             )
-        return data
+        _, rung = self.split_group(group)
+        return data if rung is None else scale_budget(data, rung)
 
     def arm_config(self, group: str | None, variant: str, seed: int = 0) -> TrainConfig:
         """The validated TrainConfig of one arm for ``seed``."""
         return config_from_dict(apply_overrides(self.arm_dict(group, variant), {"seed": seed}))
+
+
+def rung_group(group: str | None, rung: str) -> str:
+    """The name of the group that runs declared ``group`` at budget ``rung``."""
+    return rung if group is None else f"{group}{RUNG_SEP}{rung}"
+
+
+def _scaled(value: int, factor: float, what: str, rung: Budget) -> int:
+    scaled = value * factor
+    if abs(scaled - round(scaled)) > 1e-9 or round(scaled) < 1:
+        raise ConfigError(
+            f"budgets.{rung.name}: {what} {value} x {factor:g} = {scaled:g} is not a whole "
+            "number >= 1; choose multipliers that give whole numbers"
+        )
+    return round(scaled)
+
+
+def scale_budget(data: Mapping[str, Any], rung: Budget) -> dict[str, Any]:
+    """The config mapping ``data`` at budget ``rung``: ``epochs`` and ``data.limit_train``
+    multiplied (ConfigError naming the rung when a product is not whole, or when ``train`` is
+    not 1 and ``data.limit_train`` is unset: the full training set cannot grow)."""
+    config = config_from_dict(data)
+    changes: dict[str, Any] = {}
+    if rung.epochs != 1:
+        changes["epochs"] = _scaled(config.epochs, rung.epochs, "epochs", rung)
+    if rung.train != 1:
+        if config.data.limit_train is None:
+            raise ConfigError(
+                f"budgets.{rung.name}: train x{rung.train:g} multiplies data.limit_train, which "
+                "is not set (the run uses the whole training split, which cannot grow); set "
+                "data.limit_train in the base"
+            )
+        changes["data.limit_train"] = _scaled(
+            config.data.limit_train, rung.train, "data.limit_train", rung
+        )
+    return apply_overrides(data, changes) if changes else dict(data)
 
 
 def arm_flip_source(config: Mapping[str, Any]) -> str | None:
@@ -490,6 +591,7 @@ def spec_from_dict(
             source,
             f"flip_defaults must map data source names to true or false, got {flips!r}",
         )
+    budgets = _budgets(data.get("budgets"), source)
     spec = StudySpec(
         name=name,
         description=(data.get("description") or "").strip(),
@@ -505,9 +607,50 @@ def spec_from_dict(
         devices=devices,
         comparisons=comparisons,
         flip_defaults=None if flips is None else dict(flips),
+        budgets=budgets,
     )
     validate(spec)
     return spec
+
+
+_BUDGET_KEYS = ("epochs", "train")
+
+
+def _budgets(value: Any, source: str | None) -> tuple[Budget, ...]:
+    """The ``budgets`` key: rung name -> {epochs: x, train: y} (positive numbers; an empty
+    mapping or null is the arm's own budget), no two rungs alike."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or not value:
+        raise _fail(
+            source,
+            "budgets must be a mapping of rung name -> {epochs: MULTIPLIER, train: MULTIPLIER}, "
+            f"e.g. {{x1: {{}}, x4: {{epochs: 4}}}}, got {value!r}",
+        )
+    out: list[Budget] = []
+    for name, body in value.items():
+        _check_name(name, "budgets name", source)
+        body = {} if body is None else body
+        if not isinstance(body, Mapping):
+            raise _fail(source, f"budgets.{name} must be a mapping of multipliers, got {body!r}")
+        unknown = sorted(set(body) - set(_BUDGET_KEYS))
+        if unknown:
+            raise _fail(
+                source,
+                f"unknown key 'budgets.{name}.{unknown[0]}'; known keys: {', '.join(_BUDGET_KEYS)}",
+            )
+        factors = {}
+        for key in _BUDGET_KEYS:
+            x = body.get(key, 1)
+            if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1e6:
+                raise _fail(source, f"budgets.{name}.{key} must be a number > 0, got {x!r}")
+            factors[key] = float(x)
+        rung = Budget(str(name), **factors)
+        same = [b.name for b in out if (b.epochs, b.train) == (rung.epochs, rung.train)]
+        if same:
+            raise _fail(source, f"budgets.{name} is the same budget as budgets.{same[0]}")
+        out.append(rung)
+    return tuple(out)
 
 
 def _comparisons(
@@ -552,14 +695,15 @@ def _comparisons(
 
 
 def validate(spec: StudySpec) -> None:
-    """Build every group x variant configuration; ConfigError naming the entry and key."""
+    """Build every group x variant (x budget rung) configuration; ConfigError naming the entry
+    and key."""
     for group in spec.group_names:
         g = spec.group(group)
         if g is not None:
             try:
                 config_from_dict(apply_overrides(spec.base, g.overrides))
             except ConfigError as exc:
-                raise _fail(spec.source, f"groups.{group}: {exc}") from None
+                raise _fail(spec.source, f"groups.{g.name}: {exc}") from None
         for variant in spec.variants:
             where = f"variants.{variant.name}" + (f" in group '{group}'" if group else "")
             try:
@@ -611,6 +755,8 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         out["notes"] = spec.notes
     if spec.flip_defaults is not None:
         out["flip_defaults"] = dict(spec.flip_defaults)
+    if spec.budgets:
+        out["budgets"] = {b.name: {"epochs": b.epochs, "train": b.train} for b in spec.budgets}
     return out
 
 
