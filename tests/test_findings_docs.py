@@ -45,3 +45,25 @@ def test_depth_thirds_reproduce_the_report_table() -> None:
     last = sum(t[1] for t in bn) / len(bn)
     # docs/findings/batch-size-mobilenetv2/report.md: 0.406 and 1.101 at epoch 1
     assert (round(first, 3), round(last, 3)) == (0.406, 1.101)
+
+
+def test_the_ladder_specs_extend_the_findings_with_the_rungs_issue_15_asks_for() -> None:
+    from normlab.study.spec import load_spec
+
+    ladders = {
+        p.stem: load_spec(p) for p in sorted((FINDINGS / "specs" / "ladders").glob("*.yaml"))
+    }
+    assert set(ladders) == {"batch-size", "placement", "l2", "train-mode"}
+    for name, spec in ladders.items():
+        assert spec.name == f"ladder-{name}" and len(spec.seeds) >= 6
+        assert [b.name for b in spec.budgets][:2] == ["x1", "x4"]
+        for g in spec.group_names:
+            assert spec.arm_config(g, spec.baseline).data.limit_val == 10000
+    bs = ladders["batch-size"]
+    assert [b.name for b in bs.budgets] == ["x1", "x4", "x16"]
+    assert sorted({bs.arm_config(g, "gn").batch_size for g in bs.group_names}) == [8, 32, 128]
+    assert bs.arm_config("bs8@x16", "gn").data.limit_train == 48000
+    assert set(ladders["placement"].declared_groups) == {"resnet20", "mobilenetv2"}
+    assert set(ladders["l2"].variant_names) == {"bn-only", "bn+l2"}
+    assert ladders["l2"].arm_config("x4", "bn+l2").epochs == 32
+    assert ladders["train-mode"].arm_config("x4", "keras-0.99").epochs == 16

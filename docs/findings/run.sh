@@ -6,6 +6,7 @@
 # --data cifar10:PATH --set data.image_size=... to `normlab study`).
 #   bash docs/findings/run.sh                 # all eight studies
 #   bash docs/findings/run.sh placement l2    # some of them
+#   bash docs/findings/run.sh ladders/batch-size   # a budget ladder (specs/ladders/, issue 15)
 set -euo pipefail
 NORMLAB=${NORMLAB:-normlab}
 studies=("$@")
