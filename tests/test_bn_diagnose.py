@@ -402,3 +402,46 @@ def test_static_checks_on_resnet50_under_two_seconds() -> None:
     elapsed = time.perf_counter() - start
     assert report.exit_code == 0
     assert elapsed < 2.0, f"static doctor on resnet50 took {elapsed:.2f} s"
+
+
+# ---- the table of checks ---------------------------------------------------------------------
+
+
+def test_checks_table_is_the_registry_and_the_docs_table_is_generated() -> None:
+    from normlab.bn.checks import CHECK_REGISTRY
+    from normlab.bn.checks_doc import DOC, render
+
+    assert set(CHECKS) == set(CHECK_REGISTRY.names())
+    assert all(CHECKS[name] == CHECK_REGISTRY.get(name).title for name in CHECKS)
+    assert DOC.read_text() == render(), "regenerate it: python -m normlab.bn.checks_doc"
+    for name in CHECKS:
+        assert f"| `{name}` |" in render()
+
+
+def test_a_finding_must_use_a_registered_id_and_severity() -> None:
+    from normlab.bn.findings import Finding
+
+    Finding("bn-tiny-count", "warning", "x", "m", "f", fixable=False)
+    with pytest.raises(ValueError, match="unknown finding id"):
+        Finding("bn-typo", "error", "x", "m", "f", fixable=False)
+    with pytest.raises(ValueError, match="registered"):
+        Finding("bn-sync", "error", "x", "m", "f", fixable=False)  # bn-sync is a note
+
+
+def test_a_check_is_one_registered_function_and_runs_from_the_table() -> None:
+    """Registering a layer check is all it takes for diagnose to run it (then it is removed)."""
+    from normlab.bn.checks import CHECK_REGISTRY, check
+    from normlab.bn.findings import Finding
+
+    @check("test-every-bn", "info", "test", "a test check", kind="layer")
+    def every_bn(layer, ctx):
+        yield Finding("test-every-bn", "info", layer.name, "seen", "none", fixable=False)
+
+    try:
+        report = diagnose(trained_net(), dynamic=False)
+        assert layers_with(report, "test-every-bn") == ["1", "4"]
+        with pytest.raises(ValueError, match="already registered"):
+            check("test-every-bn", "info", "again", "again", kind="layer")(every_bn)
+    finally:
+        del CHECK_REGISTRY._items["test-every-bn"]
+    assert "test-every-bn" not in diagnose(trained_net(), dynamic=False).ids()
