@@ -49,7 +49,13 @@ from normlab.bn.dynamic_checks import (
     first_input,
     updates_in_current_mode,
 )
-from normlab.bn.evidence import Evidence, declared, layer_evidence, training_verdict
+from normlab.bn.evidence import (
+    Evidence,
+    declared,
+    gradient_evidence,
+    layer_evidence,
+    training_verdict,
+)
 from normlab.bn.findings import Finding, Report
 from normlab.bn.graph import ModelGraph, NormLayer, analyze, eval_mode
 from normlab.bn.ranks import diagnose_rank_set
@@ -215,7 +221,7 @@ def diagnose(
         graph_method=graph.method,
         notes=run_notes,
         target_hint=target_hint,
-        evidence=evidence,
+        evidence=[*evidence, *gradient_evidence(model.parameters())],
         path=path,
     )
     if graph.method != "fx" and graph.reason:

@@ -25,6 +25,8 @@ from normlab.bn.static_checks import at_init, initial_layers
 
 __all__ = ["identity_layer", "stats_cause"]
 
+_FRAMEWORK = {"keras": "Keras", "onnx": "ONNX", "torch": "PyTorch"}
+
 
 def identity_layer(layer: NormLayer) -> bool:
     """Not trainable, with weight 1, bias 0 (or none) and statistics 0 / 1."""
@@ -43,11 +45,12 @@ def stats_cause(layer: NormLayer) -> tuple[str, str]:
     if layer.momentum_known and m == 0:
         if layer.convention == "torch":
             return "momentum", "momentum=0: the running statistics never move"
+        name = _FRAMEWORK.get(layer.convention, layer.convention)
         return (
             "momentum",
-            f"the file's {layer.convention} momentum is {1.0 - m!r} ({layer.convention}'s "
-            "convention: moving = momentum x moving + (1 - momentum) x batch; PyTorch momentum "
-            "0): the moving statistics never move",
+            f"the file's {name} momentum is {1.0 - m!r} ({name}'s convention: moving = "
+            "momentum x moving + (1 - momentum) x batch; PyTorch momentum 0): the moving "
+            "statistics never move",
         )
     if nbt == 0:
         return (
@@ -146,8 +149,8 @@ def frozen_initial(ctx: CheckContext) -> Iterator[Finding]:
             "the layer is frozen (not trainable) at its initial values (weight 1, bias 0, "
             f"moving mean 0, variance 1) in a trained model (trained: {ctx.training.because}): "
             "it computes x / sqrt(1 + eps), an identity up to a constant, so the network "
-            "trained without normalisation here (normlab's no-norm-resnet study measures what "
-            "that costs: 9.4 points on ResNet-20, docs/findings.md)",
+            "trained without normalisation here (what that costs: docs/findings.md, "
+            "'What BN buys in a residual network')",
             "train with the BN layers trainable (Keras: trainable=True, so fit() updates the "
             "moving statistics), or remove them: they do nothing. Do not recalibrate: the next "
             "layers were trained on un-normalised input",
@@ -168,13 +171,20 @@ def model_untrained(ctx: CheckContext) -> Iterator[Finding]:
     initial = initial_layers(ctx)
     if ctx.training.verdict != "untrained" or not initial:
         return
+    random_init = any(e.value == "random-init" for e in ctx.training.rests_on)
     yield Finding(
         "model-untrained",
         "info",
         None,
         f"{len(initial)} BN layer(s) hold their initial statistics in an untrained model "
         f"(untrained: {ctx.training.because}), where that is expected (in a trained model it "
-        "would be an error)",
+        "would be an error)"
+        + (
+            "; random initial values cannot be told from a short training with the BN layers "
+            "kept in eval mode, which would leave the statistics broken"
+            if random_init
+            else ""
+        ),
         "none for an untrained model; pass --trained if it was trained",
         fixable=False,
         evidence={
