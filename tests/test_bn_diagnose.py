@@ -686,3 +686,37 @@ def test_nothing_says_whether_trained_is_a_warning_not_a_guess() -> None:
     assert report.training["verdict"] == "unknown"
     assert diagnose_layers([layer], trained=True).ids() == {"bn-stats-initial"}
     assert diagnose_layers([layer], trained=False).ids() == {"model-untrained"}
+
+
+def test_file_checks_plug_in_and_share_one_scan(tmp_path: Path) -> None:
+    """The place scan.py's unsafe-content findings go: a 'file' check receives the target's
+    path; two checks sharing ctx.memo scan the file once; file_findings runs them alone."""
+    from normlab.bn.checks import CHECK_REGISTRY, check
+    from normlab.bn.diagnose import file_findings
+    from normlab.bn.findings import Finding
+
+    scans: list[Path] = []
+
+    def scan(path: Path) -> list[tuple[str, str]]:
+        scans.append(path)
+        return [("test-file-a", "found a"), ("test-file-b", "found b")]
+
+    def make(fid: str):  # type: ignore[no-untyped-def]
+        @check(fid, "error", fid, "a test file check", kind="file")
+        def run(ctx):  # type: ignore[no-untyped-def]
+            for got, message in ctx.memo("scan", lambda: scan(ctx.path)):
+                if got == fid:
+                    yield Finding(fid, "error", str(ctx.path), message, "none", fixable=False)
+
+    make("test-file-a")
+    make("test-file-b")
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"")
+    try:
+        report = diagnose(trained_net(), dynamic=False, path=target)
+        assert {"test-file-a", "test-file-b"} <= report.ids() and report.exit_code == 2
+        assert report.checks[0] == "file" and scans == [target]
+        assert {f.id for f in file_findings(target)} == {"test-file-a", "test-file-b"}
+        assert "test-file-a" not in diagnose(trained_net(), dynamic=False).ids()  # no path
+    finally:
+        del CHECK_REGISTRY._items["test-file-a"], CHECK_REGISTRY._items["test-file-b"]

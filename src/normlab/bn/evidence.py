@@ -7,8 +7,10 @@ fresh one, so the doctor must know which it is, and say how it knows. Evidence, 
 2. ``counter``: what the file records of the optimisation: a Keras optimizer's ``iterations``;
    in a PyTorch checkpoint dict the optimizer state (``step`` per parameter, momentum buffers;
    an empty state says nothing, since SGD without momentum keeps none),
-   a scheduler's ``last_epoch``, and ``step`` / ``global_step`` / ``iteration`` / ``epoch``
-   fields (``epoch`` 0 says nothing: many trainers count epochs from 0); a normlab run's epoch.
+   a scheduler's ``last_epoch``, and ``step`` / ``global_step`` / ``iteration`` /
+   ``num_updates`` / ``epoch`` fields (``epoch`` 0 says nothing: many trainers count epochs
+   from 0; plural names such as ``epochs`` are often planned totals and are not read); a
+   normlab run's epoch.
 3. ``batches``: ``num_batches_tracked`` of PyTorch BN layers: above 0, a BN ran training-mode
    forwards; 0 in every layer, none did. A live model's parameters holding ``.grad``: a
    backward pass ran.
@@ -298,7 +300,8 @@ def layer_evidence(layers: Sequence[NormLayer]) -> list[Evidence]:
 
 # ---- from the file ---------------------------------------------------------------------------
 
-_STEP_KEYS = ("global_step", "step", "steps", "iteration", "iterations", "num_updates", "n_iter")
+# counters of what was done; plural names ("steps", "epochs") are often the planned totals
+_STEP_KEYS = ("global_step", "step", "iteration", "num_updates", "n_iter")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
 _OPTIMIZER_LISTS = ("optimizer_states", "optimizers")
 _SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "scheduler_state_dict", "sched")
@@ -382,10 +385,9 @@ def checkpoint_evidence(checkpoint: Mapping[str, Any]) -> list[Evidence]:
             out.append(
                 Evidence("counter", TRAINED if n > 0 else UNTRAINED, f"checkpoint {key}={n:g}", n)
             )
-    for key in ("epoch", "epochs"):
-        n = _number(checkpoint.get(key))
-        if n is not None and n > 0:
-            out.append(Evidence("counter", TRAINED, f"checkpoint {key}={n:g}", n))
+    n = _number(checkpoint.get("epoch"))
+    if n is not None and n > 0:
+        out.append(Evidence("counter", TRAINED, f"checkpoint epoch={n:g}", n))
     for key in _OPTIMIZER_KEYS:
         out.extend(_optimizer_evidence(key, checkpoint.get(key)))
     for key in _OPTIMIZER_LISTS:
@@ -433,7 +435,7 @@ def target_evidence(target: Any) -> list[Evidence]:
 
         out.extend(keras_evidence(read_keras_training(path)))
     recorded = getattr(target, "trained", None)
-    if recorded is not None:
+    if recorded is not None and not any(e.detail.startswith("checkpoint epoch") for e in out):
         out.append(
             Evidence(
                 "counter",

@@ -734,7 +734,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--static", action="store_true", help="static checks only (no forward pass)")
     p.add_argument(
-        "--trained", action="store_true", help="the model was trained (default: inferred)"
+        "--trained",
+        action="store_true",
+        help="the model was trained (default: judged from evidence: the file's optimizer and "
+        "step counters, num_batches_tracked, the affine parameters; the report names it)",
     )
     p.add_argument("--untrained", action="store_true", help="the model is freshly initialised")
     p.add_argument(
