@@ -487,7 +487,8 @@ def test_fresh_timm_repvgg_is_untrained_and_says_why() -> None:
     # the same weights, with an optimizer that took steps: now the 61 layers are errors, and
     # the cause is named (the BN layers never ran in training mode)
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # lr 0: the step keeps the weights, the state records it
     opt.step()
     opt.zero_grad(set_to_none=True)
     counted = diagnose(model, dynamic=False, evidence=checkpoint_evidence(
