@@ -502,7 +502,8 @@ def test_fresh_timm_repvgg_is_untrained_and_says_why() -> None:
 
 def test_random_affine_init_is_told_from_layers_that_moved_each_their_own_way() -> None:
     """alike() on the affine of 6 BN layers (32 to 96 channels): a fresh N(0.1, 0.1) draw passes,
-    and so does a uniform one; layers moved each their own way fail: each scaled by its own
+    and so does a uniform one, but not one centred on the default 1; layers moved each their
+    own way fail: each scaled by its own
     factor (0.8**i or 1.3**i, i = 0..5) or shifted by 0.03 * i. (Measured power at these widths:
     0.85**i, 1.2**i and 0.02 * i still pass; wider and deeper models are told apart sooner.)
     Too few values are never called a random initialisation."""
@@ -512,8 +513,16 @@ def test_random_affine_init_is_told_from_layers_that_moved_each_their_own_way() 
     with torch.no_grad():
         for m in uniform.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)  # helpers.settle's draw, non-normal
+                m.weight.uniform_(0.0, 0.2)  # a non-normal draw
     assert diagnose(uniform, dynamic=False).training["verdict"] == "untrained"
+    # alike but centred on the default 1: as a default init moved a little by training looks
+    for low, high in ((0.5, 1.5), (0.95, 1.05)):
+        near_one = _repvgg_like()
+        with torch.no_grad():
+            for m in near_one.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(low, high)
+        assert diagnose(near_one, dynamic=False).training["verdict"] == "trained"
     moves = [
         lambda w, i: w.mul_(0.8**i),
         lambda w, i: w.mul_(1.3**i),
@@ -721,3 +730,32 @@ def test_file_checks_plug_in_and_share_one_scan(tmp_path: Path) -> None:
         assert "test-file-a" not in diagnose(trained_net(), dynamic=False).ids()  # no path
     finally:
         del CHECK_REGISTRY._items["test-file-a"], CHECK_REGISTRY._items["test-file-b"]
+
+
+def test_default_init_trained_in_eval_mode_stays_an_error_from_the_tensors_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seed 002 in PyTorch: default BN init (1, 0), 20 Adam steps with the model in eval mode,
+    saved as a bare state_dict (no optimizer, no .grad): the gammas moved a little and alike in
+    every layer, which must not read as a random initialisation."""
+    from normlab.cli import main
+
+    model = _repvgg_like()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()  # PyTorch's default: weight 1, bias 0, statistics 0 / 1
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    assert main(["doctor", str(tmp_path / "sd.pt"), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["training"]["verdict"] == "trained"
+    assert report["training"]["rests_on"][0]["category"] == "affine"
+    initial = [f for f in report["findings"] if f["id"] == "bn-stats-initial"]
+    assert len(initial) == 6
+    assert {f["evidence"]["cause"] for f in initial} == {"never-in-train-mode"}

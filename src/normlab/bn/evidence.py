@@ -17,7 +17,9 @@ fresh one, so the doctor must know which it is, and say how it knows. Evidence, 
 4. ``affine``: BN/GN weight and bias. At their default initial values (weight all 1 or all 0,
    bias all 0) they say untrained. Values that are random but alike in every layer, as a fresh
    initialisation draws them (timm's RepVGG: N(0.1, 0.1)), also say untrained, when there are
-   enough layers and values to tell (:func:`alike`); anything else says trained. A random
+   enough layers and values to tell (:func:`alike`) and the weights sit away from the default
+   1 (a draw centred on 1 cannot be told from a default init that training moved a little);
+   anything else says trained. A random
    initialisation cannot be told from a *short* training with the BN layers kept in eval mode
    (measured: 100 Adam steps at lr 1e-3 from timm's N(0.1, 0.1) still look alike), so a verdict
    resting on it says so.
@@ -211,6 +213,14 @@ def alike(vectors: Sequence[Tensor], alpha: float = 1e-3) -> bool:
     return True
 
 
+def _off_default(weights: Sequence[Tensor]) -> bool:
+    """Whether the pooled weights sit away from the default 1 (by 3 standard deviations): a
+    random initialisation centred there (N(1, 0.02), U(0.5, 1.5)) looks like a default one
+    that training moved a little, which must stay evidence of training."""
+    values = torch.cat([v.reshape(-1).double() for v in weights])
+    return abs(float(values.mean()) - 1.0) >= 3 * float(values.std())
+
+
 def _describe(vectors: Sequence[Tensor]) -> str:
     values = torch.cat([v.reshape(-1).double() for v in vectors])
     return f"mean {float(values.mean()):.3g}, std {float(values.std()):.3g}"
@@ -243,6 +253,8 @@ def _affine_evidence(layers: Sequence[NormLayer]) -> list[Evidence]:
     random_init = (
         len(moved) >= MIN_LAYERS_ALIKE
         and values >= MIN_VALUES_ALIKE
+        and bool(weights)
+        and _off_default(weights)
         and all(alike(group) for group in (weights, biases) if group)
     )
     if random_init:
