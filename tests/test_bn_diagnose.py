@@ -759,3 +759,24 @@ def test_default_init_trained_in_eval_mode_stays_an_error_from_the_tensors_alone
     initial = [f for f in report["findings"] if f["id"] == "bn-stats-initial"]
     assert len(initial) == 6
     assert {f["evidence"]["cause"] for f in initial} == {"never-in-train-mode"}
+
+
+def test_the_cause_the_layer_shows_is_named() -> None:
+    """PyTorch momentum 0 (batches counted, statistics unmoved); a Keras file whose BN was
+    called with training=False (no batch counter, gamma and beta trained)."""
+    pytest.importorskip("h5py")
+    from normlab.bn.evidence import keras_evidence
+    from normlab.bn.keras_file import read_keras, read_keras_training
+
+    report = diagnose(trained_net(momentum=0.0), dynamic=False)
+    (f,) = report.by_id("bn-stats-initial")
+    assert f.evidence["cause"] == "momentum" and "momentum=0" in f.message
+    assert f.evidence["momentum"] == 0.0
+    path = KERAS / "never_updated.keras"
+    keras = diagnose_layers(
+        read_keras(path).layers, evidence=keras_evidence(read_keras_training(path))
+    )
+    causes = {f.evidence["cause"] for f in keras.by_id("bn-stats-initial")}
+    assert causes == {"frozen-statistics"}
+    assert "frozen while the parameters trained" in keras.by_id("bn-stats-initial")[0].message
+    assert "iterations=18" in keras.by_id("bn-stats-initial")[0].message
