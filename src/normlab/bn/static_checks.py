@@ -18,7 +18,7 @@ from normlab.bn.checks import BN_FAMILIES, CheckContext, all_checks, check
 from normlab.bn.findings import Finding
 from normlab.bn.graph import NormLayer
 
-__all__ = ["at_init", "broken_fields", "initial_layers", "static_findings"]
+__all__ = ["at_init", "broken_fields", "initial_layers", "layer_broken", "static_findings"]
 
 
 def static_findings(ctx: CheckContext) -> list[Finding]:
@@ -26,7 +26,7 @@ def static_findings(ctx: CheckContext) -> list[Finding]:
     out: list[Finding] = []
     layer_checks = all_checks("layer")
     for layer in ctx.layers:
-        broken = bool(broken_fields(layer)) and layer.family in BN_FAMILIES
+        broken = layer.family in BN_FAMILIES and bool(layer_broken(ctx, layer))
         for c in layer_checks:
             if layer.family in c.families and (c.on_broken or not broken) and c.run is not None:
                 out.extend(c.run(layer, ctx))
@@ -63,6 +63,14 @@ def broken_fields(layer: NormLayer) -> list[str]:
     return [*fields, "negative running_var"] if _negative_var(layer) else fields
 
 
+def layer_broken(ctx: CheckContext, layer: NormLayer) -> list[str]:
+    """:func:`broken_fields` of ``layer``, computed once per context."""
+    found: dict[int, list[str]] = ctx.memo("broken_fields", dict)
+    if id(layer) not in found:
+        found[id(layer)] = broken_fields(layer)
+    return found[id(layer)]
+
+
 def at_init(layer: NormLayer) -> bool:
     """Running mean exactly 0 and running var exactly 1 (a BN's initial statistics)."""
     m, v = layer.running_mean, layer.running_var
@@ -72,15 +80,19 @@ def at_init(layer: NormLayer) -> bool:
 
 
 def initial_layers(ctx: CheckContext) -> list[NormLayer]:
-    """BN layers that track statistics, are finite, and hold the initial ones."""
-    return [
-        layer
-        for layer in ctx.layers
-        if layer.family == "batchnorm"
-        and layer.track_running_stats is not False
-        and not broken_fields(layer)
-        and at_init(layer)
-    ]
+    """BN layers that track statistics, are finite, and hold the initial ones (computed once
+    per context: several model checks ask)."""
+    return ctx.memo(
+        "initial_layers",
+        lambda: [
+            layer
+            for layer in ctx.layers
+            if layer.family == "batchnorm"
+            and layer.track_running_stats is not False
+            and at_init(layer)
+            and not layer_broken(ctx, layer)
+        ],
+    )
 
 
 def _spatial(layer: NormLayer) -> int | None:
@@ -111,7 +123,7 @@ def _torch_momentum(layer: NormLayer) -> float | None:
     on_broken=True,
 )
 def nonfinite(layer: NormLayer, ctx: CheckContext) -> Iterator[Finding]:
-    bad = broken_fields(layer)
+    bad = layer_broken(ctx, layer)
     if not bad:
         return
     fields = [b.removeprefix("non-finite ") for b in bad if b.startswith("non-finite ")]
