@@ -3,7 +3,8 @@
 Python API (each also a ``normlab`` subcommand, see :mod:`normlab.cli.bn`):
 
 * :func:`diagnose` (``normlab doctor``): find normalization defects; returns a :class:`Report`
-  of :class:`Finding` s with stable ids (see :mod:`normlab.bn.diagnose` for the table).
+  of :class:`Finding` s with stable ids (the table: ``docs/doctor_checks.md``, generated from
+  the check registry :mod:`normlab.bn.checks`).
 * :func:`fold_batchnorm` / :func:`fold_batchnorm_report` (``normlab fold``): fold BN into the
   preceding or next conv/linear, exactly, verified on an example input.
 * :func:`recalibrate_batchnorm` (``normlab recalibrate``): precise BN population statistics.

@@ -21,7 +21,10 @@ lists (``[[["layer", node, index, {}]]]``); ``Sequential`` models chain their la
 Conventions converted on reading: Keras momentum ``m`` (``moving = m * moving + (1 - m) *
 batch``) becomes PyTorch's ``1 - m``; epsilon means the same in both (added to the variance).
 Keras stores no training flag and no batch counter (``training`` and ``num_batches_tracked`` are
-None). Per-layer input shapes come from each layer's ``build_config`` when saved; channels-last
+None), but a model saved after ``compile`` keeps its optimizer's variables, whose first is the
+iteration counter: :func:`read_keras_training` reads it (``.keras``: ``optimizer/vars/0`` in
+``model.weights.h5``; ``.h5``: ``optimizer_weights/<name>/iteration``, Keras 2's ``iter:0`` or
+``iterations:0``), evidence that the model was trained. Per-layer input shapes come from each layer's ``build_config`` when saved; channels-last
 shapes are reordered to ``(C, *spatial)``.
 """
 
@@ -41,7 +44,7 @@ import torch
 from normlab.bn.graph import Link, NormLayer
 from normlab.errors import DataError
 
-__all__ = ["KerasModel", "read_keras"]
+__all__ = ["KerasModel", "KerasTraining", "read_keras", "read_keras_training"]
 
 CONV_CLASSES = {
     "Conv1D",
@@ -461,3 +464,96 @@ def _mapping(config: Any, path: Path, what: str) -> dict[str, Any]:
             "(a JSON object)"
         )
     return config
+
+
+# ---- training state --------------------------------------------------------------------------
+
+_ITERATION_NAMES = ("iteration", "iterations", "iter")
+
+
+@dataclass(frozen=True)
+class KerasTraining:
+    """What a Keras file records about training (:func:`read_keras_training`)."""
+
+    iterations: int | None
+    """The optimizer's step counter; None when the file holds no optimizer state."""
+    where: str | None
+    """Where in the file the counter was read (``optimizer/vars/0``, ...)."""
+    optimizer: str | None
+    """The optimizer's class name from the training config, when recorded."""
+
+
+def _scalar_int(obj: Any) -> int | None:
+    value = np.asarray(obj[()]) if hasattr(obj, "shape") and obj.shape == () else None
+    if value is None or value.dtype.kind not in "iuf":
+        return None
+    number = float(value)
+    return int(number) if np.isfinite(number) and number == int(number) else None
+
+
+def _iterations_keras3(h5: Any) -> tuple[int | None, str | None]:
+    group = h5.get("optimizer/vars")
+    if group is None or "0" not in group:
+        return None, None
+    return _scalar_int(group["0"]), "optimizer/vars/0"
+
+
+def _iterations_h5(h5: Any) -> tuple[int | None, str | None]:
+    found: list[tuple[str, int]] = []
+
+    def visit(path: str, obj: Any) -> None:
+        short = path.rsplit("/", 1)[-1].split(":", 1)[0]
+        if short in _ITERATION_NAMES and hasattr(obj, "shape"):
+            value = _scalar_int(obj)
+            if value is not None:
+                found.append((path, value))
+
+    for root in ("optimizer_weights", "training"):
+        if root in h5:
+            h5[root].visititems(lambda p, o, r=root: visit(f"{r}/{p}", o))
+    return (found[0][1], found[0][0]) if found else (None, None)
+
+
+def _optimizer_name(config: Any) -> str | None:
+    if not isinstance(config, dict):
+        return None
+    opt = config.get("optimizer_config", config.get("optimizer"))
+    name = opt.get("class_name") if isinstance(opt, dict) else None
+    return str(name) if name else None
+
+
+def read_keras_training(path: str | Path) -> KerasTraining:
+    """The optimizer iteration counter (and optimizer class) stored in a Keras model file.
+
+    ``iterations`` is None when the file holds no optimizer state (saved without compiling, or
+    with ``include_optimizer=False``): no evidence either way. Raises :class:`DataError` naming
+    the file when it is not a readable Keras file.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = set(zf.namelist())
+                if "model.weights.h5" not in names:
+                    raise DataError(f"{path}: a zip archive without model.weights.h5")
+                compile_cfg = None
+                if "config.json" in names:
+                    cfg = json.loads(zf.read("config.json"))
+                    compile_cfg = cfg.get("compile_config") if isinstance(cfg, dict) else None
+                weights_bytes = zf.read("model.weights.h5")
+            with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
+                iterations, where = _iterations_keras3(h5)
+            return KerasTraining(iterations, where, _optimizer_name(compile_cfg))
+        with h5py.File(path, "r") as h5:
+            raw = h5.attrs.get("training_config")
+            training_cfg = json.loads(_decode(raw)) if raw is not None else None
+            iterations, where = _iterations_h5(h5)
+        return KerasTraining(iterations, where, _optimizer_name(training_cfg))
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, AttributeError, TypeError) as exc:
+        raise DataError(
+            f"{path}: not a readable Keras model file ({type(exc).__name__}: {exc})"
+        ) from None

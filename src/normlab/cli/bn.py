@@ -387,8 +387,11 @@ def _stale_counters(buffers: dict[str, Tensor], state: dict[str, Tensor]) -> str
 def _doctor_one(args: argparse.Namespace, target: Any, spec: str) -> Any:
     """The single-model doctor on one loaded TARGET."""
     from normlab.bn.diagnose import diagnose, diagnose_layers
+    from normlab.bn.evidence import target_evidence
 
-    trained = True if args.trained else False if args.untrained else target.trained
+    # the user's word; what the file records (epoch, optimizer, Keras iterations) is evidence
+    trained = True if args.trained else False if args.untrained else None
+    evidence = target_evidence(target)
     notes = list(target.notes)
     if target.model is None:
         return diagnose_layers(
@@ -402,6 +405,8 @@ def _doctor_one(args: argparse.Namespace, target: Any, spec: str) -> Any:
             graph_method=target.graph_method,
             notes=notes,
             target_hint=spec,
+            evidence=evidence,
+            path=target.path,
         )
     model = target.model
     if not target.mode_recorded:
@@ -436,6 +441,8 @@ def _doctor_one(args: argparse.Namespace, target: Any, spec: str) -> Any:
         target=target.description,
         target_hint=spec,
         notes=notes,
+        evidence=evidence,
+        path=target.path,
     )
 
 
@@ -727,7 +734,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--static", action="store_true", help="static checks only (no forward pass)")
     p.add_argument(
-        "--trained", action="store_true", help="the model was trained (default: inferred)"
+        "--trained",
+        action="store_true",
+        help="the model was trained (default: judged from evidence: the file's optimizer and "
+        "step counters, num_batches_tracked, the affine parameters; the report names it)",
     )
     p.add_argument("--untrained", action="store_true", help="the model is freshly initialised")
     p.add_argument(
