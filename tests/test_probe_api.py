@@ -200,7 +200,13 @@ class DrawsInEval(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("make", [resnet18, lambda: DrawsInEval()])
+def timm_mobilenet() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)  # stochastic depth (drop_path) draws in training mode
+    return timm.create_model("mobilenetv3_small_100", num_classes=3, drop_path_rate=0.2)
+
+
+@pytest.mark.parametrize("make", [resnet18, timm_mobilenet, lambda: DrawsInEval()])
 def test_attach_and_measure_leave_the_model_and_every_generator_as_they_were(make):
     model = make()
     x, y = digits(24, 16, 3)
@@ -346,6 +352,7 @@ def test_bad_input_is_refused_with_a_message_naming_what_is_wrong():
         (dict(data=pairs, batch_size=0), "batch_size must be an integer >= 1"),
         (dict(data=[]), "yields no batch"),
     ]
+    assert Instruments(model, ["bn", "gap"], data=pairs).batch_size == 8  # the first batch's
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             Instruments(model, DEFAULT_PROBES, **kwargs)

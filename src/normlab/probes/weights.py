@@ -182,7 +182,8 @@ class WeightsProbe(Probe):
             out[f"weights/norm/{name}"] = norm
             prev = self._previous.get(name)
             if prev is not None and prev.shape == w.shape:
-                out[f"weights/angle/{name}"] = angle_between(prev, w)
+                # (.to: a no-op, unless the model moved to another device since start)
+                out[f"weights/angle/{name}"] = angle_between(prev.to(w.device), w)
             lr = row_lr if row_lr is not None else ctx.learning_rate(m.weight)
             if name in self._invariant and lr is not None:
                 out[f"weights/eff_lr/{name}"] = lr / norm**2 if norm > 0 else math.inf
