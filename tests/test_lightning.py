@@ -114,6 +114,7 @@ def shuffled(x, y, batch_size: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=gen)
 
 
+@pytest.mark.slow
 def test_a_torchvision_model_in_lightning_logs_the_plain_api_s_keys(lit):
     torchvision = pytest.importorskip("torchvision")
     from normlab.integrations.lightning import ProbeCallback
@@ -153,6 +154,7 @@ def test_a_torchvision_model_in_lightning_logs_the_plain_api_s_keys(lit):
     assert not [f for f in callback.report.findings if f.severity == "error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "torchvision:resnet18"])
 def test_lightning_with_the_callback_and_normlab_fit_record_the_same_probe_keys(
     lit, tmp_path, name
@@ -177,6 +179,7 @@ def test_lightning_with_the_callback_and_normlab_fit_record_the_same_probe_keys(
     assert probe_keys(callback.rows[-1]) == fit_keys
 
 
+@pytest.mark.slow
 def test_training_with_the_callback_is_exactly_training_without_it(lit):
     from normlab.integrations.lightning import ProbeCallback
 

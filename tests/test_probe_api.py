@@ -114,6 +114,7 @@ class ApiBesideFit(Callback):
         return {}
 
 
+@pytest.mark.slow
 def test_instruments_give_fit_s_keys_and_values_on_the_same_model(tmp_path):
     probes = ["weights:k=5", "bn", "shift:val_samples=8:inference=true", "acts", "gap"]
     spy = ApiBesideFit(probes)
@@ -249,6 +250,7 @@ def test_attach_and_measure_leave_the_model_and_every_generator_as_they_were(mak
         assert out1[key] == out2[key] or (math.isnan(out1[key]) and math.isnan(out2[key])), key
 
 
+@pytest.mark.slow
 def test_a_loop_with_instruments_trains_exactly_as_without():
     def train(probed: bool) -> dict[str, torch.Tensor]:
         model = resnet18(seed=3)
