@@ -254,3 +254,66 @@ def test_without_lightning_the_callback_fails_with_one_line_naming_the_extra(mon
     assert "\n" not in message
     assert "pip install 'normlab[lightning]'" in message
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no ImportError
+
+
+@pytest.mark.slow
+def test_the_probe_keys_reach_lightning_s_tensorboard_and_mlflow_loggers(L, tmp_path, monkeypatch):
+    """Users read the curves in the logger they already use: the keys, read back from the
+    TensorBoard event files and the MLflow file store Lightning's own loggers write."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normlab.integrations.lightning import ProbeCallback
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = NoRunningStats()
+            self.model.bn = nn.BatchNorm2d(4)  # with running statistics
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = images(16, 8, 4)
+    callback = ProbeCallback(module="model", val=(x, y), doctor="off")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: file stores opt in
+    loggers = [
+        TensorBoardLogger(str(tmp_path / "tb"), name="probes", version=0),
+        MLFlowLogger(experiment_name="probes", tracking_uri=uri),
+    ]
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=loggers,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Lit(), shuffled(x, y, 8))
+    expected = {k: [row[k] for row in callback.rows] for k in scalar_keys(callback.rows[-1])}
+    assert "bn/shift/mean/bn" in expected and "gap/eval/acc" in expected
+
+    events = EventAccumulator(str(tmp_path / "tb" / "probes" / "version_0"))
+    events.Reload()
+    assert expected.keys() <= set(events.Tags()["scalars"])
+    for key, values in expected.items():
+        read = [e.value for e in events.Scalars(key)]
+        assert read == pytest.approx(values, rel=1e-6, nan_ok=True), key
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("probes")
+    (run,) = client.search_runs([experiment.experiment_id])
+    for key, values in expected.items():
+        history = [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        assert history == pytest.approx(values, rel=1e-6, nan_ok=True), key
