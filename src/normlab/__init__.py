@@ -2,7 +2,8 @@
 
 The Python API mirrors the command line: ``build_model`` builds any registered network with
 any normalization and placement, ``fit`` trains a :class:`TrainConfig` into a run directory,
-``compare`` judges a long table of runs from any framework by a study report's rule.
+``compare`` judges a long table of runs from any framework by a study report's rule,
+``Instruments`` attaches the probes to any model in any training loop.
 Submodules are imported lazily so that ``import normlab`` stays cheap.
 
 Layout, from the ground up; a package imports only those below it (enforced, function-level
@@ -25,6 +26,8 @@ imports included, by the import-linter contracts in ``pyproject.toml``, run by
   directories through ``store`` and uses the probes' statistics.
 * ``study`` — specs, plans, executors, the runner (it trains through ``train``).
 * ``report`` — reads study directories and judges them; the runner never imports it.
+* ``integrations`` — the instruments inside other frameworks (the Lightning callback); each
+  needs its optional extra; above the toolbox, whose doctor the callback runs.
 * ``cli`` — every command; the only place that composes "run a study, then report".
 
 Why this order: data flows config -> data -> model -> fit (callbacks/probes) -> run store ->
@@ -45,9 +48,10 @@ _LAZY = {
     "fit": ("normlab.train", "fit"),
     "TrainConfig": ("normlab.config", "TrainConfig"),
     "compare": ("normlab.report.compare", "compare_table"),
+    "Instruments": ("normlab.probes", "Instruments"),
 }
 
-__all__ = ["TrainConfig", "__version__", "build_model", "compare", "fit"]
+__all__ = ["Instruments", "TrainConfig", "__version__", "build_model", "compare", "fit"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,10 @@ Every method has a no-op default. ``on_epoch_end`` returns a mapping of extra me
 (e.g. ``weights/norm/<layer>``) that are written into that epoch's row; it must not change
 the model's parameters or the random number generators' states (or runs would depend on which
 probes were on).
+
+The probes are such callbacks, but read the loop only through
+:class:`normlab.probes.context.ProbeContext` (``FitState`` adapted by ``FitContext``), so the
+same probes also run in loops other than this one (:class:`normlab.probes.Instruments`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ class Evaluation:
 
 def evaluate(
     model: nn.Module,
-    loader: BatchLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     autocast: contextlib.AbstractContextManager[Any] | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` in eval mode over ``loader``.
@@ -53,7 +54,7 @@ def evaluate_with_predictions(
 
 def _evaluate(
     model: nn.Module,
-    loader: BatchLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     autocast: contextlib.AbstractContextManager[Any] | None,
     *,
     keep: bool,

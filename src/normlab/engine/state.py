@@ -18,7 +18,8 @@ from normlab.store import RunDir
 
 @dataclass
 class FitState:
-    """What callbacks can see of a training run in progress."""
+    """What callbacks can see of a training run in progress (the probes read it through
+    :class:`normlab.probes.context.FitContext`, their narrower interface)."""
 
     config: TrainConfig
     model: nn.Module

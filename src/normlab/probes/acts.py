@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from normlab.data import BatchLoader
 from normlab.errors import ConfigError
 from normlab.probes.base import IMAGES_OPTION, Option, Probe, training_batches
+from normlab.probes.context import Batches
 from normlab.probes.stats import ChannelMoments, layer_input_moments, norm_layers
 
 if TYPE_CHECKING:
-    from normlab.engine.state import FitState
+    from normlab.probes.context import ProbeContext
 
 __all__ = ["ActsProbe", "activation_summary"]
 
@@ -66,25 +66,25 @@ class ActsProbe(Probe):
             raise ConfigError(
                 f"probes: option mode of probe 'acts' must be train or eval, got {self.options['mode']!r}"
             )
-        self._train: BatchLoader | None = None
+        self._train: Batches | None = None
 
-    def on_fit_start(self, state: FitState) -> None:
+    def start(self, ctx: ProbeContext) -> None:
         self._train = training_batches(
-            state, self.options["batches"], salt=self.name, images=self.options["images"]
+            ctx, self.options["batches"], salt=self.name, images=self.options["images"]
         )
 
-    def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        layers = norm_layers(state.model)
+    def measure(self, ctx: ProbeContext, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        layers = norm_layers(ctx.model)
         if self._train is None or not layers:
             return {}
         moments = layer_input_moments(
-            state.model,
+            ctx.model,
             self._train,
             layers,
             third=True,
             zeros=True,
             normalize_with="batch" if self.options["mode"] == "train" else "running",
-            autocast=state.autocast(),
+            autocast=ctx.autocast(),
         )
         out: dict[str, Any] = {}
         for name, m in moments.items():

@@ -1,31 +1,45 @@
 """The probe base class, probe specs (``shift:batches=8``) and fixed data samples.
 
-A probe is a :class:`~normlab.train.Callback` that adds metric keys to each epoch's row. Every
-probe guarantees, and the tests check, that it
+A probe adds metric keys to each epoch's row. It reads the training it observes through a
+:class:`~normlab.probes.context.ProbeContext` (model, seed, batch sizes, autocast, learning
+rate, fixed samples) in two methods, :meth:`Probe.start` (once, before training) and
+:meth:`Probe.measure` (at each epoch's end); it is also a :class:`~normlab.train.Callback`,
+whose ``on_fit_start`` / ``on_epoch_end`` call those with a
+:class:`~normlab.probes.context.FitContext`, so normlab's ``fit`` and anyone's loop
+(:class:`normlab.probes.Instruments`) run the same code. Every probe guarantees, and the tests
+check, that it
 
 * leaves the model as it found it: parameters, running buffers (restored bit for bit),
   train/eval flags, and no hooks left behind (removed in ``finally``);
 * draws no random numbers from the global generators or the training loaders' generator: the
-  data samples it looks at are chosen once, in ``on_fit_start``, with its own
-  ``torch.Generator`` seeded from the run's seed, and are the same every epoch and on resume.
-  So a run with probes trains exactly like the same run without them.
+  data samples it looks at are chosen once, in :meth:`Probe.start`, with its own
+  ``torch.Generator`` seeded from the run's seed, and are the same every epoch and on resume;
+  and every call runs inside :func:`~normlab.probes.rng.preserved_random_state`, so even a
+  model that draws in eval mode leaves them as they were. So a run with probes trains exactly
+  like the same run without them.
 """
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from normlab.data import BatchLoader
 from normlab.engine.callbacks import Callback
 from normlab.errors import ConfigError
+from normlab.probes.context import Batches, FitContext, ProbeContext, probe_generator
+from normlab.probes.rng import preserved_random_state
 
 if TYPE_CHECKING:
     from normlab.engine.state import FitState
 
-__all__ = ["Option", "Probe", "parse_probe_spec", "probe_generator", "sample_loader"]
+__all__ = [
+    "Option",
+    "Probe",
+    "parse_probe_spec",
+    "probe_generator",
+    "sample_loader",
+    "training_batches",
+]
 
 Option = tuple[type, object, int | None, str]
 """An option declaration: (type: int | float | bool | str, default, minimum or None, help)."""
@@ -44,6 +58,8 @@ class Probe(Callback):
 
     name: ClassVar[str] = ""
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    NEEDS_DATA: ClassVar[bool] = True
+    """Whether the probe forwards samples of the data (all but ``bn`` do)."""
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.OPTIONS))
@@ -80,6 +96,23 @@ class Probe(Callback):
         if minimum is not None and isinstance(value, int | float) and value < minimum:
             raise ConfigError(f"{where} must be >= {minimum}, got {value!r}")
         return value
+
+    def start(self, ctx: ProbeContext) -> None:
+        """Once, before the first training step: choose the fixed samples, record references
+        (e.g. the starting weights). Default: nothing."""
+
+    def measure(self, ctx: ProbeContext, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The probe's keys at the end of ``epoch``; ``row`` holds the epoch's other metrics
+        (normlab's ``fit``: ``lr``, ``val/acc``...; may be empty)."""
+        return {}
+
+    def on_fit_start(self, state: FitState) -> None:
+        with preserved_random_state(state.train_loader.generator):
+            self.start(FitContext(state))
+
+    def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        with preserved_random_state(state.train_loader.generator):
+            return self.measure(FitContext(state), epoch, row)
 
     @classmethod
     def describe(cls) -> str:
@@ -131,61 +164,25 @@ def parse_probe_spec(spec: str, options: dict[str, Option]) -> tuple[str, dict[s
     return name, out
 
 
-def probe_generator(seed: int, salt: str) -> torch.Generator:
-    """A CPU generator for probe ``salt``'s sampling, seeded from the run's ``seed``; the global
-    generators and the training loaders' generator are never touched."""
-    mixed = (int(seed) * 1_000_003 + zlib.crc32(salt.encode())) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
-
-
 def sample_loader(
-    state: FitState,
+    ctx: ProbeContext,
     *,
     split: str,
     samples: int | None,
     batch_size: int,
     salt: str,
     drop_last: bool,
-) -> BatchLoader | None:
-    """A loader over a fixed random sample of ``split`` ("train" or "val"), *without*
-    augmentation, normalised like the training data, on the run's device and memory format.
-
-    ``samples`` images (None or more than there are: all of them), chosen with
-    :func:`probe_generator` (``salt`` names the probe), in a random order that is the same on
-    every pass and on resume. With ``drop_last`` the sample is cut to whole batches (at least
-    one batch, which holds all images when there are fewer than ``batch_size``). None when the
-    split is empty.
+) -> Batches | None:
+    """Batches over a fixed random sample of ``split`` ("train" or "val"): ``samples`` images
+    (None or more than there are: all of them), chosen with
+    :func:`~normlab.probes.context.probe_generator` (``salt`` names the probe), in a random
+    order that is the same on every pass and on resume. With ``drop_last`` the sample is cut
+    to whole batches (at least one batch, which holds all images when there are fewer than
+    ``batch_size``). None when the split is empty. In normlab's ``fit``: without augmentation,
+    normalised like the training data, on the run's device and memory format
+    (:class:`~normlab.probes.context.FitContext`).
     """
-    bundle = state.data
-    images, labels = (
-        (bundle.train_images, bundle.train_labels)
-        if split == "train"
-        else (bundle.val_images, bundle.val_labels)
-    )
-    total = int(labels.numel())
-    if total == 0:
-        return None
-    k = total if samples is None else min(int(samples), total)
-    if drop_last and k >= batch_size:
-        k -= k % batch_size
-    bs = min(batch_size, k)
-    g = probe_generator(state.config.seed, f"{salt}/{split}")
-    idx = torch.randperm(total, generator=g)[:k]
-    return BatchLoader(
-        images[idx.to(images.device)],
-        labels[idx.to(labels.device)],
-        bs,
-        shuffle=False,
-        drop_last=drop_last,
-        augment=False,
-        crop_padding=0,
-        flip=False,
-        mean=bundle.mean,
-        std=bundle.std,
-        generator=torch.Generator(),  # never drawn from: no shuffle, no augmentation
-        device=state.runtime.device,
-        memory_format=state.runtime.torch_memory_format,
-    )
+    return ctx.sample(split, samples=samples, batch_size=batch_size, salt=salt, drop_last=drop_last)
 
 
 IMAGES_OPTION: Option = (
@@ -198,8 +195,8 @@ IMAGES_OPTION: Option = (
 
 
 def training_batches(
-    state: FitState, batches: int, *, salt: str, images: int = 0
-) -> BatchLoader | None:
+    ctx: ProbeContext, batches: int, *, salt: str, images: int = 0
+) -> Batches | None:
     """Whole batches of the training batch size from a fixed sample of the training split
     (:func:`sample_loader` with ``drop_last``): what a probe forwards in training mode to see
     the statistics training sees, without augmentation.
@@ -207,8 +204,8 @@ def training_batches(
     The sample is ``batches`` batches, or, when ``images`` > 0, ``images`` images cut to whole
     batches (so the sample's size does not shrink with the batch size: at batch size 2,
     ``batches=8`` is only 16 images)."""
-    bs = state.config.batch_size
+    bs = ctx.batch_size
     samples = images if images > 0 else batches * bs
     return sample_loader(
-        state, split="train", samples=samples, batch_size=bs, salt=salt, drop_last=True
+        ctx, split="train", samples=samples, batch_size=bs, salt=salt, drop_last=True
     )

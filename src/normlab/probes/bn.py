@@ -27,7 +27,7 @@ from normlab.probes.base import Option, Probe
 from normlab.probes.stats import batchnorm_layers, init_fraction
 
 if TYPE_CHECKING:
-    from normlab.engine.state import FitState
+    from normlab.probes.context import ProbeContext
 
 __all__ = ["BNProbe", "bn_summaries"]
 
@@ -54,6 +54,7 @@ class BNProbe(Probe):
 
     name = "bn"
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    NEEDS_DATA = False
 
-    def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        return bn_summaries(state.model)
+    def measure(self, ctx: ProbeContext, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        return bn_summaries(ctx.model)

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from normlab.errors import ConfigError
 from normlab.probes.base import Option, Probe, sample_loader
+from normlab.probes.context import Batches
 from normlab.probes.stats import AutocastLike, batch_statistics_mode
 
 if TYPE_CHECKING:
-    from normlab.engine.state import FitState
+    from normlab.probes.context import ProbeContext
 
 __all__ = ["GapProbe", "train_eval_gap"]
 
@@ -83,18 +84,17 @@ class GapProbe(Probe):
                 "probes: option batch_size of probe 'gap' must be 0 (the training batch size) "
                 "or >= 2: batch statistics of one image are degenerate"
             )
-        self._batch: tuple[Tensor, Tensor] | None = None
+        self._batch: Batches | None = None
 
-    def on_fit_start(self, state: FitState) -> None:
-        bs = self.options["batch_size"] or state.config.batch_size
-        loader = sample_loader(
-            state, split="train", samples=bs, batch_size=bs, salt=self.name, drop_last=True
+    def start(self, ctx: ProbeContext) -> None:
+        bs = self.options["batch_size"] or ctx.batch_size
+        self._batch = sample_loader(
+            ctx, split="train", samples=bs, batch_size=bs, salt=self.name, drop_last=True
         )
-        self._batch = next(iter(loader)) if loader is not None else None
 
-    def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+    def measure(self, ctx: ProbeContext, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
         if self._batch is None:
             return {}
-        x, y = self._batch
-        gap = train_eval_gap(state.model, x, y, state.autocast())
+        x, y = next(iter(self._batch))  # the one batch: the same tensors every epoch
+        gap = train_eval_gap(ctx.model, x, y, ctx.autocast())
         return {f"gap/{key}": value for key, value in gap.items()}

@@ -39,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from normlab.data import BatchLoader
 from normlab.engine.evaluate import evaluate
 from normlab.probes.base import IMAGES_OPTION, Option, Probe, sample_loader, training_batches
 from normlab.probes.stats import (
@@ -47,13 +46,14 @@ from normlab.probes.stats import (
     batchnorm_layers,
     estimation_shift,
     population_statistics,
+    preserved_modes,
     substituted_statistics,
 )
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from normlab.engine.state import FitState
+    from normlab.probes.context import Batches, ProbeContext
 
 __all__ = ["ShiftProbe", "shift_metrics"]
 
@@ -92,48 +92,56 @@ class ShiftProbe(Probe):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._train: BatchLoader | None = None
-        self._val: BatchLoader | None = None
+        self._train: Batches | None = None
+        self._val: Batches | None = None
         self._val_is_all = False
 
-    def on_fit_start(self, state: FitState) -> None:
-        bs = state.config.batch_size
+    def start(self, ctx: ProbeContext) -> None:
         self._train = training_batches(
-            state, self.options["batches"], salt=self.name, images=self.options["images"]
+            ctx, self.options["batches"], salt=self.name, images=self.options["images"]
         )
-        n_val = int(state.data.val_labels.numel())
+        n_val = ctx.split_size("val")
         wanted = self.options["val_samples"] or None
-        self._val_is_all = wanted is None or wanted >= n_val
+        self._val_is_all = wanted is None or (n_val is not None and wanted >= n_val)
         self._val = sample_loader(
-            state,
+            ctx,
             split="val",
             samples=None if self._val_is_all else wanted,
-            batch_size=state.config.eval_batch_size or 2 * bs,
+            batch_size=ctx.eval_batch_size,
             salt=self.name,
             drop_last=False,
         )
 
-    def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        model = state.model
+    def measure(self, ctx: ProbeContext, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        model = ctx.model
         if self._train is None or not batchnorm_layers(model):
             return {}
-        stats = population_statistics(model, self._train, autocast=state.autocast())
+        stats = population_statistics(model, self._train, autocast=ctx.autocast())
         out: dict[str, Any] = dict(shift_metrics(model, stats))
         if self.options["inference"]:
             seen = population_statistics(
-                model, self._train, normalize_with="running", autocast=state.autocast()
+                model, self._train, normalize_with="running", autocast=ctx.autocast()
             )
             out.update(shift_metrics(model, seen, prefix="bn/inference_shift"))
         if self._val is not None:
-            with substituted_statistics(model, stats):
-                precise = evaluate(model, self._val, state.autocast())
-            out["shift/val/acc_precise"] = precise["acc"]
-            out["shift/val/loss_precise"] = precise["loss"]
-            if self._val_is_all and "val/acc" in row:
-                out["shift/val/acc_running"] = row["val/acc"]
-                out["shift/val/loss_running"] = row["val/loss"]
-            else:
-                running = evaluate(model, self._val, state.autocast())
-                out["shift/val/acc_running"] = running["acc"]
-                out["shift/val/loss_running"] = running["loss"]
+            with preserved_modes(model):  # evaluate() restores one flag for all modules
+                out.update(self._validation(ctx, stats, row))
+        return out
+
+    def _validation(
+        self, ctx: ProbeContext, stats: Mapping[str, PopulationStatistics], row: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``shift/val/*``: the validation sample with precise and with running statistics."""
+        model, val = ctx.model, self._val
+        assert val is not None
+        with substituted_statistics(model, stats):
+            precise = evaluate(model, val, ctx.autocast())
+        out = {"shift/val/acc_precise": precise["acc"], "shift/val/loss_precise": precise["loss"]}
+        if self._val_is_all and "val/acc" in row:
+            out["shift/val/acc_running"] = row["val/acc"]
+            out["shift/val/loss_running"] = row["val/loss"]
+        else:
+            running = evaluate(model, val, ctx.autocast())
+            out["shift/val/acc_running"] = running["acc"]
+            out["shift/val/loss_running"] = running["loss"]
         return out

@@ -219,6 +219,19 @@ _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """On exit, also after an exception, set every module's ``training`` flag back to what it
+    was on entry (``model.train(flag)`` would set one flag for all, losing a submodule that a
+    fine-tuning loop keeps in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextlib.contextmanager
 def batch_statistics_mode(model: nn.Module) -> Iterator[Callable[[], None]]:
     """Run ``model`` as during training as far as normalization goes, and leave no trace.
 
@@ -265,13 +278,9 @@ def _mode(model: nn.Module, normalize_with: str) -> Iterator[Callable[[], None]]
         return
     if normalize_with != "running":
         raise ValueError(f"normalize_with must be 'batch' or 'running', got {normalize_with!r}")
-    modes = [(m, m.training) for m in model.modules()]
-    try:
+    with preserved_modes(model):
         model.eval()
         yield lambda: None
-    finally:
-        for m, flag in modes:
-            m.training = flag
 
 
 def _inputs(batches: Iterable[Any]) -> Iterator[Tensor]:

@@ -8,7 +8,8 @@ Per conv/linear layer (``nn.Conv*d``, ``nn.Linear``; the weight tensor, not the 
   ``2 * atan2(||u - v||, ||u + v||)`` with ``u, v`` the unit vectors (accurate for tiny angles);
 * ``weights/eff_lr/<layer>``, only for *scale-invariant* layers (:func:`scale_invariant_layers`):
   ``lr / ||w||^2`` with ``lr`` the learning rate of the epoch's last optimizer step (the row's
-  ``lr``). For such a layer ``f(a w) = f(w)`` for every ``a > 0``, so the gradient is
+  ``lr``; in :class:`~normlab.probes.Instruments`, which has no row: the lr of the optimizer's
+  parameter group holding ``w`` when measured, and no key without an optimizer). For such a layer ``f(a w) = f(w)`` for every ``a > 0``, so the gradient is
   ``grad(a w) = grad(w) / a`` and an SGD step of size ``lr`` changes the *direction* of ``w`` as
   a step of ``lr / ||w||^2`` on the unit sphere would: L2 / weight decay shrinks ``||w||`` and
   thereby raises this effective learning rate without changing the function (van Laarhoven
@@ -36,7 +37,7 @@ from normlab.errors import ConfigError
 from normlab.probes.base import Option, Probe, sample_loader
 
 if TYPE_CHECKING:
-    from normlab.engine.state import FitState
+    from normlab.probes.context import ProbeContext
 
 __all__ = ["WeightsProbe", "angle_between", "scale_invariant_layers", "weight_layers"]
 
@@ -154,8 +155,8 @@ class WeightsProbe(Probe):
         self._invariant: dict[str, str] = {}
         self._first_layer: str | None = None
 
-    def on_fit_start(self, state: FitState) -> None:
-        layers = weight_layers(state.model)
+    def start(self, ctx: ProbeContext) -> None:
+        layers = weight_layers(ctx.model)
         chosen = self.options["layer"]
         if chosen is not None and chosen not in layers:
             raise ConfigError(
@@ -165,29 +166,31 @@ class WeightsProbe(Probe):
         self._first_layer = chosen or next(iter(layers), None)
         self._previous = {n: m.weight.detach().clone() for n, m in layers.items()}
         loader = sample_loader(
-            state, split="train", samples=2, batch_size=2, salt=self.name, drop_last=False
+            ctx, split="train", samples=2, batch_size=2, salt=self.name, drop_last=False
         )
         self._invariant = {}
         if loader is not None:
             x, _ = next(iter(loader))
-            self._invariant = scale_invariant_layers(state.model, x)
+            self._invariant = scale_invariant_layers(ctx.model, x)
 
-    def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        lr = float(row["lr"]) if "lr" in row else float(state.optimizer.param_groups[0]["lr"])
+    def measure(self, ctx: ProbeContext, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        row_lr = float(row["lr"]) if "lr" in row else None
         out: dict[str, Any] = {}
-        for name, m in weight_layers(state.model).items():
+        for name, m in weight_layers(ctx.model).items():
             w = m.weight.detach()
             norm = float(w.double().norm())
             out[f"weights/norm/{name}"] = norm
             prev = self._previous.get(name)
             if prev is not None and prev.shape == w.shape:
-                out[f"weights/angle/{name}"] = angle_between(prev, w)
-            if name in self._invariant:
+                # (.to: a no-op, unless the model moved to another device since start)
+                out[f"weights/angle/{name}"] = angle_between(prev.to(w.device), w)
+            lr = row_lr if row_lr is not None else ctx.learning_rate(m.weight)
+            if name in self._invariant and lr is not None:
                 out[f"weights/eff_lr/{name}"] = lr / norm**2 if norm > 0 else math.inf
             self._previous[name] = w.clone()
         k, first = self.options["k"], self._first_layer
         if k and first is not None:
-            w = weight_layers(state.model)[first].weight.detach()
+            w = weight_layers(ctx.model)[first].weight.detach()
             out[f"weights/first/{first}"] = [float(v) for v in w.flatten()[:k].cpu()]
         return out
 
