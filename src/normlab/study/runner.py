@@ -481,6 +481,9 @@ def run_study(
                         threads=threads,
                         info={"group": r.group, "variant": r.variant, "seed": r.seed},
                         devices=r.devices,
+                        loggers=plan.spec.log,
+                        study=plan.spec.name,
+                        study_dir=str(out.resolve()),
                     )
                     for r in todo
                 ]
