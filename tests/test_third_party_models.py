@@ -8,6 +8,7 @@ bit, from the same weights); module-type censuses; the random number generator's
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import Counter
 
@@ -319,3 +320,38 @@ def test_a_bn_gn_xbn_study_over_torchvision_resnet18_on_digits_runs_to_a_report(
     }
     assert sorted(tags) == ["bn", "gn", "xbn"]
     assert all(t["normlab.study"] == "tv-xbn" and t["normlab.seed"] == "0" for t in tags.values())
+
+
+def test_the_command_line_takes_third_party_names_and_refuses_in_one_line(tmp_path, capsys):
+    from normlab.cli import main
+
+    code = main(["train", "--model", "torchvision:resnet18", "--placement", "post"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot reorder" in err
+    code = main(["train", "--model", "timm:resnet5O", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model 'timm:resnet5O'" in err and "resnet50" in err
+    assert main(["models"]) == 0 and "torchvision:NAME" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_probe_records_on_a_third_party_model(tmp_path):
+    from normlab.config import config_from_dict
+    from normlab.train import fit
+
+    config = digits_config(epochs=1, probes=["weights", "bn", "shift", "acts", "gap"])
+    config["data"]["limit_train"] = 32
+    config["model"]["xbn"] = True
+    result = fit(config_from_dict(config), out=tmp_path / "run", verbose=False)
+    (row,) = result.metrics
+    for prefix in ("weights/", "bn/", "shift/", "acts/", "gap/"):
+        assert any(k.startswith(prefix) for k in row), prefix
+
+
+@pytest.mark.parametrize(
+    ("name", "module"), [("timm:resnet18", "timm"), ("torchvision:resnet18", "torchvision")]
+)
+def test_a_missing_zoo_package_is_one_line_naming_the_extra(name, module, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=rf"needs {module}.*pip install 'normlab\[zoo\]'"):
+        build(name)
