@@ -140,3 +140,15 @@ def test_a_missing_extra_is_one_line_naming_it(logger, module, monkeypatch, caps
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"pip install 'normlab[{logger}]'" in err
     assert not (tmp_path / "r").exists()  # refused before anything ran
+
+
+def test_a_study_names_its_loggers_and_keeps_them_in_study_yaml():
+    from normlab.study.spec import spec_from_dict, spec_to_dict
+
+    spec = {"name": "s", "seeds": 1, "base": tiny_base(), "variants": {"bn": {}}}
+    logged = spec_from_dict({**spec, "log": ["tensorboard", "mlflow:/tmp/store"]})
+    assert logged.log == ("tensorboard", "mlflow:/tmp/store")
+    assert spec_from_dict(spec_to_dict(logged)).log == logged.log
+    assert spec_from_dict(spec).log == () and "log" not in spec_to_dict(spec_from_dict(spec))
+    with pytest.raises(ConfigError, match="unknown logger 'wandb'"):
+        spec_from_dict({**spec, "log": ["wandb"]})
