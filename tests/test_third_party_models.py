@@ -355,3 +355,16 @@ def test_a_missing_zoo_package_is_one_line_naming_the_extra(name, module, monkey
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=rf"needs {module}.*pip install 'normlab\[zoo\]'"):
         build(name)
+
+
+def test_a_study_plans_a_third_party_model_at_the_size_its_runs_use(tmp_path):
+    from normlab.study.plan import plan_study
+    from normlab.study.spec import spec_from_dict
+
+    base = digits_config(epochs=1)
+    base["data"]["image_size"] = 64  # InstanceNorm on resnet18 needs more than 32x32
+    spec = spec_from_dict(
+        {"name": "in64", "seeds": 1, "base": base, "variants": {"in": {"norm.name": "in"}}}
+    )
+    plan = plan_study(spec, tmp_path / "study")
+    assert [r.key for r in plan.runs] == ["in/seed-0"]
