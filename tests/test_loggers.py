@@ -152,3 +152,11 @@ def test_a_study_names_its_loggers_and_keeps_them_in_study_yaml():
     assert spec_from_dict(spec).log == () and "log" not in spec_to_dict(spec_from_dict(spec))
     with pytest.raises(ConfigError, match="unknown logger 'wandb'"):
         spec_from_dict({**spec, "log": ["wandb"]})
+
+
+def test_a_study_refuses_loggers_it_cannot_carry_into_multi_process_runs():
+    from normlab.study.spec import spec_from_dict
+
+    spec = {"name": "s", "seeds": 1, "base": tiny_base(), "log": ["tensorboard"]}
+    with pytest.raises(ConfigError, match="devices > 1 \\(ddp\\)"):
+        spec_from_dict({**spec, "variants": {"one": {}, "ddp": {"devices": 2}}})

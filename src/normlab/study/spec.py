@@ -570,6 +570,14 @@ def _comparisons(
 
 def validate(spec: StudySpec) -> None:
     """Build every group x variant configuration; ConfigError naming the entry and key."""
+    many = [e.name for e in (*spec.groups, *spec.variants) if (e.devices or 1) > 1]
+    if spec.log and (spec.devices > 1 or many):
+        raise _fail(
+            spec.source,
+            "log: the loggers run in the study's own worker processes, and a run with "
+            f"devices > 1 ({', '.join(many) or 'every run'}) trains in a torchrun subprocess "
+            "that does not carry them yet; drop log or run with devices: 1",
+        )
     for group in spec.group_names:
         g = spec.group(group)
         if g is not None:
