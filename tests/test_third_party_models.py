@@ -307,7 +307,7 @@ def test_a_bn_gn_xbn_study_over_torchvision_resnet18_on_digits_runs_to_a_report(
     path = tmp_path / "tv-xbn.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "study"
-    assert main(["study", str(path), "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    assert main(["study", str(path), "--out", str(out), "--jobs", "2", "--quiet"]) == 0
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     for variant in ("bn", "gn", "xbn"):
         assert (out / "runs" / variant / "seed-0" / "tensorboard").is_dir()

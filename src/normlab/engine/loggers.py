@@ -45,7 +45,7 @@ from normlab.errors import ConfigError
 if TYPE_CHECKING:
     from normlab.engine.state import FitState
 
-__all__ = ["LOGGERS", "LoggerSpec", "make_loggers", "parse_loggers", "scalars"]
+__all__ = ["LOGGERS", "LoggerSpec", "make_loggers", "parse_loggers", "prepare_store", "scalars"]
 
 LOGGERS: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "tensorboard"),
@@ -214,6 +214,24 @@ class MlflowLogger(_RowLogger):
         self.client.set_terminated(self.run_id, _MLFLOW_STATUS.get(status, "FAILED"))
 
 
+def _experiment(client: Any, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return str(found.experiment_id if found is not None else client.create_experiment(name))
+
+
+def prepare_store(specs: Sequence[LoggerSpec], default: Path, experiment: str) -> None:
+    """Create the MLflow experiment ``experiment`` in the store an ``mlflow`` spec writes
+    (``default`` when it names none) before parallel runs start: two processes that both find
+    it missing would each create one."""
+    from mlflow.tracking import MlflowClient
+
+    for spec in specs:
+        if spec.name == "mlflow":
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            store = Path(spec.path) if spec.path else default
+            _experiment(MlflowClient(tracking_uri=store.resolve().as_uri()), experiment)
+
+
 def _open_run(store: Path, state: FitState, tags: Mapping[str, str]) -> tuple[Any, str]:
     """The MLflow run of this run directory in ``store`` (created, with tags and params, the
     first time; set running again on resume)."""
@@ -221,9 +239,7 @@ def _open_run(store: Path, state: FitState, tags: Mapping[str, str]) -> tuple[An
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=store.as_uri())
-    experiment = tags.get("normlab.study", "normlab")
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    exp_id = _experiment(client, tags.get("normlab.study", "normlab"))
     run_dir = str(state.run.path.resolve())
     for run in client.search_runs([exp_id], max_results=50000):
         if run.data.tags.get("normlab.run_dir") == run_dir:
