@@ -368,3 +368,20 @@ def test_a_study_plans_a_third_party_model_at_the_size_its_runs_use(tmp_path):
     )
     plan = plan_study(spec, tmp_path / "study")
     assert [r.key for r in plan.runs] == ["in/seed-0"]
+
+
+def test_the_batch_norm_family_keeps_the_architectures_eps_and_momentum_unless_set():
+    from normlab.norms import FrozenBatchNorm
+
+    def bns(m):
+        return [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]
+
+    own = build("torchvision:mobilenet_v3_small")  # torchvision builds it with 1e-3 and 0.01
+    assert {(x.eps, x.momentum) for x in bns(own)} == {(0.001, 0.01)}
+    brn = build("torchvision:mobilenet_v3_small", "brn")
+    assert {(x.eps, x.momentum) for x in bns(brn)} == {(0.001, 0.01)}
+    assert type(bns(brn)[0]).__name__ == "BatchRenorm2d"
+    frozen = [x for x in build("torchvision:mobilenet_v3_small", "frozen_bn").modules()]
+    assert {x.eps for x in frozen if isinstance(x, FrozenBatchNorm)} == {0.001}
+    set_ = build("torchvision:mobilenet_v3_small", bn_momentum=0.2, bn_eps=1e-4)
+    assert {(x.eps, x.momentum) for x in bns(set_)} == {(1e-4, 0.2)}
