@@ -160,3 +160,16 @@ def test_a_study_refuses_loggers_it_cannot_carry_into_multi_process_runs():
     spec = {"name": "s", "seeds": 1, "base": tiny_base(), "log": ["tensorboard"]}
     with pytest.raises(ConfigError, match="devices > 1 \\(ddp\\)"):
         spec_from_dict({**spec, "variants": {"one": {}, "ddp": {"devices": 2}}})
+
+
+def test_the_study_command_takes_loggers_and_refuses_unknown_ones(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "s", "seeds": 1, "base": tiny_base(), "variants": {"bn": {}}})
+    )
+    out = str(tmp_path / "study")
+    assert main(["study", str(path), "--out", out, "--log", "wandb", "--quiet"]) == 2
+    assert "unknown logger 'wandb'" in capsys.readouterr().err
+    assert main(["study", str(path), "--out", out, "--log", "tensorboard", "--dry-run"]) == 0
