@@ -51,6 +51,8 @@ def _check(cond: bool, key: str, expectation: str, value: object) -> None:
 class ModelConfig:
     """Which network to build (``normlab models`` lists names and options)."""
 
+    # a normlab architecture (normlab models), or a third-party one: "torchvision:resnet18",
+    # "timm:resnet50" or "package.module:factory" (normlab.models.external)
     name: str = "resnet20"
     placement: str = "pre"  # "pre": layer -> norm -> act (BN paper); "post": layer -> act -> norm
     conv_bias: str | bool = "auto"  # "auto": a bias only where no norm directly follows the layer
@@ -63,6 +65,13 @@ class ModelConfig:
     init_samples: int = 512
 
     def __post_init__(self) -> None:
+        source, colon, rest = str(self.name).partition(":")
+        _check(
+            isinstance(self.name, str) and bool(source) and (not colon or bool(rest)),
+            "model.name (--model)",
+            "a model name, or torchvision:NAME, timm:NAME or module:callable",
+            self.name,
+        )
         _check(
             self.placement in ("pre", "post"), "model.placement", "'pre' or 'post'", self.placement
         )

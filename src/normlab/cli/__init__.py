@@ -112,6 +112,13 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="N",
         help="train with DDP in N processes (launches torchrun; GPUs on CUDA, CPU cores otherwise)",
     )
+    p.add_argument(
+        "--log",
+        metavar="LOGGERS",
+        help="also log every epoch's metrics to: tensorboard (<run>/tensorboard) and/or mlflow "
+        "(an MLflow file store: <run>/mlruns, or mlflow:DIR), comma-separated; "
+        "metrics.jsonl stays the record",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
 
 
@@ -179,10 +186,12 @@ def _launch_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from normlab.engine.loggers import make_loggers, parse_loggers
     from normlab.store import RunDir
     from normlab.train import fit
     from normlab.train.setup import default_run_dir
 
+    loggers = parse_loggers(args.log)  # a missing extra fails here, before anything runs
     resume = args.resume is not False
     out = args.out
     if isinstance(args.resume, str):
@@ -208,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             output_dir(default_run_dir(config), "--out (default)")
     if args.devices is not None and args.devices != 1:
         return _launch_devices(args)  # after every check: the ranks would each fail alike
-    result = fit(config, out=out, resume=resume, verbose=not args.quiet)
+    callbacks = make_loggers(loggers)
+    result = fit(config, out=out, resume=resume, callbacks=callbacks, verbose=not args.quiet)
     s = result.summary
     if not args.quiet and os.environ.get("RANK", "0") == "0":
         best = s.get("best/val/acc")
@@ -226,6 +236,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{entry.name}: {entry.description}")
         for opt, (default, text) in entry.options.items():
             print(f"    {opt} = {default!r}  {text}")
+    print(
+        "third-party models: torchvision:NAME (torchvision.models.list_models()), timm:NAME "
+        "(timm.list_models()) or module:callable, built untrained, placement pre; options: xbn, "
+        "xbn_groups, kwargs (see normlab.models.external)"
+    )
     return 0
 
 

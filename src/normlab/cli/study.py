@@ -69,6 +69,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument(
         "--dry-run", action="store_true", help="print the runs and their state; run nothing"
     )
+    p.add_argument(
+        "--log",
+        metavar="LOGGERS",
+        help="log every run to tensorboard (<run>/tensorboard) and/or mlflow (<study>/mlruns, "
+        "or mlflow:DIR), comma-separated; replaces the study's log: list",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -104,9 +110,15 @@ def _command() -> str:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from normlab.study.spec import STUDY_FILE, load_spec, shadowed_keys, with_overrides
+    import dataclasses
+
+    from normlab.engine.loggers import parse_loggers
+    from normlab.study.spec import STUDY_FILE, load_spec, shadowed_keys, validate, with_overrides
 
     spec = load_spec(args.study)
+    if args.log is not None:
+        spec = dataclasses.replace(spec, log=tuple(map(str, parse_loggers(args.log))))
+        validate(spec)
     overrides = parse_sets(args.overrides)
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")

@@ -16,10 +16,17 @@ from torch import nn
 
 from normlab.errors import ConfigError
 from normlab.models.blocks import PLACEMENTS, BuildContext
+from normlab.models.external import (
+    EXTERNAL_OPTIONS,
+    build_external,
+    check_external_settings,
+    external_constructor,
+    is_external,
+)
 from normlab.norms import NormSpec
 from normlab.registry import Registry
 
-__all__ = ["MODELS", "ModelEntry", "build_model", "list_models", "register_model"]
+__all__ = ["MODELS", "ModelEntry", "build_model", "list_models", "model_entry", "register_model"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,20 @@ def list_models() -> list[ModelEntry]:
     return [MODELS.get(name) for name in MODELS.names()]
 
 
+def model_entry(name: str) -> ModelEntry:
+    """The entry of a registered model, or of a third-party one (``torchvision:NAME``,
+    ``timm:NAME``, ``module:callable``: :mod:`normlab.models.external`), whose name is checked
+    here (ConfigError with close matches, or naming the extra to install)."""
+    if not is_external(name):
+        return MODELS.get(name)
+    external_constructor(name)
+
+    def builder(num_classes: int, ctx: BuildContext, **options: Any) -> nn.Module:
+        return build_external(name, num_classes, ctx, **options)
+
+    return ModelEntry(name, builder, f"third-party model {name}", dict(EXTERNAL_OPTIONS))
+
+
 def _resolve_norm(norm: NormSpec | str | None, overrides: dict[str, Any]) -> NormSpec:
     if norm is None:
         norm = "none"
@@ -89,7 +110,10 @@ def build_model(
     """Build the registered architecture ``name`` with the given normalization and placement.
 
     Args:
-        name: a registered model (``list_models()``).
+        name: a registered model (``list_models()``), or a third-party one:
+            ``torchvision:NAME``, ``timm:NAME``, ``module:callable``
+            (:mod:`normlab.models.external`: placement ``pre`` only, ``small_input`` and
+            ``conv_bias`` left at their defaults).
         num_classes: size of the output layer.
         norm: a :class:`NormSpec`, a norm name, or None (= ``"none"``: no norm modules at all).
         placement: ``"pre"`` (layer -> norm -> act) or ``"post"`` (layer -> act -> norm).
@@ -105,13 +129,16 @@ def build_model(
     The model comes initialised by :func:`~normlab.models.init_weights` (architectures call it
     at the end of their constructor, then apply ``zero_init_residual`` where they offer it).
     """
-    entry = MODELS.get(name)
+    entry = model_entry(name)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_channels", in_channels)
     if input_size is not None:
         _check_positive_int("input_size", input_size)
     if placement not in PLACEMENTS:
         raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if is_external(name):  # the raw value: an automatic small_input does not apply
+        check_external_settings(name, placement, small_input, conv_bias)
+        small_input = False
     if small_input is None:
         small_input = input_size is not None and input_size <= 32
     elif not isinstance(small_input, bool):
@@ -137,7 +164,7 @@ def check_model_options(name: str, options: Mapping[str, Any]) -> ModelEntry:
     """The registry entry of model ``name``, after checking that every key of ``options`` is
     one of its options or a NormSpec field. ConfigError listing the known models or options;
     option *values* are checked by the builder."""
-    entry = MODELS.get(name)
+    entry = model_entry(name)
     unknown = sorted(set(options) - set(entry.options) - set(NORM_OPTIONS))
     if unknown:
         known = "; ".join(

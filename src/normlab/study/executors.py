@@ -64,6 +64,9 @@ class RunTask:
     threads: int | None = None  # intra-op threads unless config.runtime.threads is set
     info: Mapping[str, Any] = field(default_factory=dict)  # group, variant, seed
     devices: int = 1  # processes the run trains in; > 1: a torchrun subprocess
+    loggers: tuple[str, ...] = ()  # normlab.engine.loggers specs (the study's ``log``)
+    study: str = ""  # the study's name and directory (the loggers' tags and MLflow store)
+    study_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,25 @@ def _fit(task: RunTask, config: TrainConfig, events: Any) -> Any:
             if events is not None:
                 events.put(("start", task.key))
 
-    return fit(config, out=run_dir, resume=True, callbacks=[_Info()], verbose=True)
+    return fit(config, out=run_dir, resume=True, callbacks=[_Info(), *_loggers(task)], verbose=True)
+
+
+def _loggers(task: RunTask) -> list[Any]:
+    """The study's loggers for one run: its MLflow run tagged with its place in the study."""
+    from normlab.engine.loggers import make_loggers, parse_loggers
+
+    if not task.loggers:
+        return []
+    info = dict(task.info)
+    tags = {
+        "normlab.study": task.study,
+        "normlab.group": info.get("group"),
+        "normlab.variant": info.get("variant"),
+        "normlab.seed": info.get("seed"),
+        "normlab.run_name": task.key,
+    }
+    store = Path(task.study_dir) / "mlruns" if task.study_dir else None
+    return make_loggers(parse_loggers(list(task.loggers)), tags=tags, mlflow_store=store)
 
 
 def _data_sizes(config: TrainConfig) -> dict[str, int]:

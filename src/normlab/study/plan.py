@@ -35,7 +35,7 @@ from normlab.config import RuntimeConfig, TrainConfig, apply_overrides, config_f
 from normlab.data import SOURCES
 from normlab.engine.runtime import resolve_runtime
 from normlab.errors import ConfigError, NormlabError
-from normlab.models import build_model
+from normlab.models import build_model, is_external
 from normlab.probes import build_probes
 from normlab.study.layout import run_dir_for
 from normlab.study.spec import StudySpec, arm_flip_source, spec_from_dict, spec_to_dict
@@ -92,14 +92,19 @@ class StudyPlan:
 
 
 def _placeholder_model(config: TrainConfig) -> Any:
-    """The config's network at a nominal size: enough to see its layer types, no data needed."""
+    """The config's network at a nominal size: enough to see its layer types, no data needed.
+    A third-party model gets the data's size when the config gives it: it is built with a
+    forward pass at that size, which must not refuse a size the runs will not use."""
+    d, size = config.data, 32
+    if is_external(config.model.name):
+        size = d.image_size or (d.synthetic_image_size if d.name == "synthetic" else 32)
     return build_model(
         config.model.name,
         10,
         norm=config.norm,
         placement=config.model.placement,
         in_channels=3,
-        input_size=32,
+        input_size=size,
         small_input=config.model.small_input,
         conv_bias=config.model.conv_bias,
         **dict(config.model.options),

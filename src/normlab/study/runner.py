@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from normlab.config import config_to_dict
+from normlab.engine.loggers import parse_loggers, prepare_store
 from normlab.errors import ConfigError
 from normlab.store import RunDir, atomic_write_text, run_meta
 from normlab.store import config_differences as store_config_differences
@@ -470,6 +471,8 @@ def run_study(
             + (f" -> {out}" if todo else "")
         )
         hooks = _Hooks(plan, runs, progress)
+        if todo and plan.spec.log:  # the MLflow experiment, once, before parallel runs
+            prepare_store(parse_loggers(list(plan.spec.log)), out / "mlruns", plan.spec.name)
         try:
             if todo:
                 threads = ex.threads_per_run(len(todo))
@@ -481,6 +484,9 @@ def run_study(
                         threads=threads,
                         info={"group": r.group, "variant": r.variant, "seed": r.seed},
                         devices=r.devices,
+                        loggers=plan.spec.log,
+                        study=plan.spec.name,
+                        study_dir=str(out.resolve()),
                     )
                     for r in todo
                 ]

@@ -19,6 +19,10 @@ A study is a YAML file (``normlab studies --show placement`` prints a built-in o
       - [post, other]               #   [variant, reference] (every variant is compared with
                                     #   the baseline anyway)
     optional_probes: [weights]      # probes added to every run when normlab.probes has them
+    log: [tensorboard, mlflow]      # optional: also log every run (normlab.engine.loggers):
+                                    #   <run>/tensorboard, and one MLflow run per run directory
+                                    #   in <study>/mlruns (or mlflow:DIR), tagged with the
+                                    #   study, group, variant and seed
     lr_reference_batch_size: 128    # optional: optim.lr *= batch_size / 128 in every run
     devices: 1                      # optional: processes per run (DDP via torchrun); also a
                                     #   key of base, of a group or of a variant
@@ -85,6 +89,7 @@ from normlab.config import (
     flatten,
 )
 from normlab.data import DataConfig, split_data_spec
+from normlab.engine.loggers import parse_loggers
 from normlab.errors import ConfigError
 from normlab.study.layout import STUDY_FILE
 from normlab.yamlio import as_text, loads, read_yaml, read_yaml_mapping
@@ -100,6 +105,7 @@ _TOP_KEYS = (
     "variants",
     "comparisons",
     "optional_probes",
+    "log",
     "lr_reference_batch_size",
     "devices",
     "notes",
@@ -178,6 +184,7 @@ class StudySpec:
     groups: tuple[Group, ...] = ()
     description: str = ""
     optional_probes: tuple[str, ...] = ()
+    log: tuple[str, ...] = ()  # loggers of every run (normlab.engine.loggers.parse_loggers)
     lr_reference_batch_size: int | None = None
     notes: str = ""
     source: str | None = None  # where it was loaded from (not saved)
@@ -579,6 +586,15 @@ def spec_from_dict(
         probes = [as_text(p) for p in probes]
     if not isinstance(probes, list | tuple) or not all(isinstance(p, str) for p in probes):
         raise _fail(source, f"optional_probes must be a list of probe names, got {probes!r}")
+    log = data.get("log") or ()
+    if isinstance(log, str):
+        log = [log]
+    if not isinstance(log, list | tuple):
+        raise _fail(source, f"log must be a list of logger names, got {log!r}")
+    try:
+        log = [str(s) for s in parse_loggers(list(log))]
+    except ConfigError as exc:
+        raise _fail(source, str(exc)) from None
     ref = data.get("lr_reference_batch_size")
     if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or ref < 1):
         raise _fail(source, f"lr_reference_batch_size must be an integer >= 1 or null, got {ref!r}")
@@ -601,6 +617,7 @@ def spec_from_dict(
         baseline=str(baseline),
         seeds=seeds,
         optional_probes=tuple(probes),
+        log=tuple(log),
         lr_reference_batch_size=ref,
         notes=(data.get("notes") or "").strip(),
         source=source,
@@ -697,6 +714,14 @@ def _comparisons(
 def validate(spec: StudySpec) -> None:
     """Build every group x variant (x budget rung) configuration; ConfigError naming the entry
     and key."""
+    many = [e.name for e in (*spec.groups, *spec.variants) if (e.devices or 1) > 1]
+    if spec.log and (spec.devices > 1 or many):
+        raise _fail(
+            spec.source,
+            "log: the loggers run in the study's own worker processes, and a run with "
+            f"devices > 1 ({', '.join(many) or 'every run'}) trains in a torchrun subprocess "
+            "that does not carry them yet; drop log or run with devices: 1",
+        )
     for group in spec.group_names:
         g = spec.group(group)
         if g is not None:
@@ -747,6 +772,8 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         out["comparisons"] = [list(pair) for pair in spec.comparisons]
     if spec.optional_probes:
         out["optional_probes"] = list(spec.optional_probes)
+    if spec.log:
+        out["log"] = list(spec.log)
     if spec.lr_reference_batch_size:
         out["lr_reference_batch_size"] = spec.lr_reference_batch_size
     if spec.devices != 1:

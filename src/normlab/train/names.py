@@ -14,6 +14,7 @@ from normlab.config import TrainConfig
 from normlab.data.sources import SOURCES, Source
 from normlab.errors import ConfigError
 from normlab.models import ModelEntry, check_model_options
+from normlab.models.external import check_external_settings, is_external
 from normlab.norms import NORMS
 from normlab.probes import Probe, build_probes
 
@@ -32,11 +33,15 @@ def resolve_names(config: TrainConfig, *, where: str = "") -> Resolved:
     the probes (names and options) and the data source.
 
     Raises :class:`ConfigError` whose message lists the known names (prefixed by ``where``,
-    e.g. a study arm, when given). Option *values* of models are checked when the model is
+    e.g. a study arm, when given); for a third-party model (``torchvision:NAME``, ...) also
+    when the package is missing or a model setting cannot apply to it. Option *values* of models are checked when the model is
     built; everything else named here is fully checked.
     """
     try:
-        model = check_model_options(config.model.name, config.model.options)
+        m = config.model
+        model = check_model_options(m.name, m.options)
+        if is_external(m.name):  # what a third-party architecture cannot honour, up front
+            check_external_settings(m.name, m.placement, m.small_input, m.conv_bias)
         NORMS.get(config.norm.name)
         source = SOURCES.get(config.data.name)
         probes = tuple(build_probes(config.probes))

@@ -35,7 +35,8 @@ from normlab.store import RunDir, config_differences, model_from_config, run_met
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{config.model.name}-{config.norm.name}-{config.model.placement}"
+    model = config.model.name.replace(":", "-").replace("/", "-")  # torchvision:resnet18
+    name = f"{stamp}-{model}-{config.norm.name}-{config.model.placement}"
     return Path(root) / name
 
 
