@@ -260,6 +260,7 @@ def _pools(f: dict[str, str], root: Path) -> Pools:
         overlong,
     ]
     names = ["bogus", "", "NONE", "x" * 300, "nan", "1e-3", "../../etc/passwd", "a:b", "=", ","]
+    names += ["torchvision:bogus", "timm:bogus", "torchvision:", "timm:resnet18:x"]
     bad_tables = [
         "noise.csv", "empty.csv", "header-only.csv", "wrong-columns.csv", "tabs.csv",
         "one-arm.csv", "bad-value.csv", "bad-seed.csv", "duplicate.csv", "disjoint.csv",
@@ -313,6 +314,16 @@ def _pools(f: dict[str, str], root: Path) -> Pools:
         "callable": callables,
         "shape": ["1,8,8", "0", "-1", "3,0,8", "abc", f"3,{HUGE},2", "", "1,2,3", "3,1,1"],
         "probes": ["bogus", "shift:batches=abc", ",,", "shift:nosuch=1"],
+        "loggers": [
+            "bogus",
+            "",
+            ",",
+            "tensorboard:x",
+            "tensorboard,tensorboard",
+            f"mlflow:{f['somefile']}",
+            f"mlflow:{nowhere}",
+            f"mlflow:{overlong}",
+        ],
         "count": ["0", "-1", HUGE, "a", ",", "1,1", f"0,{HUGE}", "-1,2"],
         "name": names,
         "csv_file": [missing, overlong, f["adir"], f["somefile"], f["text.pt"]]
@@ -334,6 +345,7 @@ def _pools(f: dict[str, str], root: Path) -> Pools:
         "callable": ["normlab:resnet20", "torch.nn:BatchNorm2d,num_features=3"],
         "shape": ["3,8,8", "3x8x8", "3,16,16"],
         "probes": ["weights", "bn", "shift:batches=2"],
+        "loggers": ["tensorboard", "mlflow", "tensorboard,mlflow"],
         "count": ["1", "3", "0,1"],
         "csv_file": [f["runs.csv"], f["grouped.csv"], f["missing-seed.csv"]],
         "arm": ["bn", "gn", "ln"],
@@ -370,6 +382,7 @@ KIND_BY_METAVAR = {
     "MODULE:CALLABLE": "callable",
     "C,H,W": "shape",
     "NAMES": "probes",
+    "LOGGERS": "loggers",
     "N": "count",
     "NAME": "name",
     "ADDR": "name",
