@@ -329,9 +329,12 @@ def _norm_form(m: nn.Module, layer: NormLayer) -> tuple[str, str]:
         y = x * scale.view(view) + shift.view(view)
         with eval_mode(m), torch.no_grad():
             out = m(x.to(dtype=dtype, device=device)).double().cpu()
-            neutral = copy.deepcopy(m)
-            _neutralise(neutral)
-            out_neutral = neutral(y.to(dtype=dtype, device=device)).double().cpu()
+            saved = _Snapshot(m)
+            try:
+                _neutralise(m)
+                out_neutral = m(y.to(dtype=dtype, device=device)).double().cpu()
+            finally:
+                saved.restore()
     except Exception as exc:
         return "opaque", f"{type(m).__name__} fails on a probe input ({type(exc).__name__}: {exc})"
     if out.shape != y.shape:
@@ -446,6 +449,31 @@ def _fold_post(
         _set(model, consumer_name, ShiftedConv(layer, shift.to(w.dtype), orig_w))
         return "zero-padded conv: exact border correction (ShiftedConv)"
     return ""
+
+
+class _Snapshot:
+    """A module's own parameters and buffers (copied) and the object itself, to undo a fold:
+    :meth:`restore` puts the values back, drops a parameter the fold added (a bias) and, given
+    the model and name, puts the module back where a fold replaced it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = dict(module._parameters)
+        self.values = {
+            k: t.detach().clone()
+            for k, t in (*module._parameters.items(), *module._buffers.items())
+            if t is not None
+        }
+
+    def restore(self, model: nn.Module | None = None, name: str = "") -> None:
+        m = self.module
+        m._parameters.clear()
+        m._parameters.update(self.params)
+        with torch.no_grad():
+            for k, value in self.values.items():
+                getattr(m, k).copy_(value)
+        if model is not None:
+            _set(model, name, m)
 
 
 class _Skip(Exception):
@@ -761,11 +789,12 @@ def _apply_verified(
     state = {"error": 0.0}
 
     def attempt(group: list[_Step]) -> None:
-        saved: dict[str, nn.Module] = {}
+        saved: dict[str, _Snapshot] = {}
         done: list[tuple[_Step, str]] = []
         for step in group:
             for name in (step.norm, step.into):
-                saved.setdefault(name, copy.deepcopy(_get(model, name)))
+                if name not in saved:
+                    saved[name] = _Snapshot(_get(model, name))
             try:
                 done.append((step, step.run()))
             except _Skip as exc:
@@ -778,8 +807,8 @@ def _apply_verified(
             for step, note in done:
                 _record(result, step, note)
             return
-        for name, module in saved.items():
-            _set(model, name, module)
+        for name, snapshot in reversed(saved.items()):
+            snapshot.restore(model, name)
         if len(done) == 1:
             step = done[0][0]
             result.skipped.append(
