@@ -352,17 +352,18 @@ def _norm_form(m: nn.Module, layer: NormLayer) -> tuple[str, str]:
 
 
 def _fold_pre(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """``layer`` followed by ``x * scale + shift`` per output channel, merged into ``layer``."""
+    """``layer`` followed by ``x * scale + shift`` per output channel, merged into ``layer``.
+
+    The weight is scaled in place in its own dtype (one rounding per element, as a float64
+    product rounded back would give); the bias is computed in float64."""
     w = layer.weight
     assert isinstance(w, Tensor)
-    w64 = w.detach().double()
     shape = (-1,) + (1,) * (w.dim() - 1)
-    new_w = w64 * scale.view(shape)
     b = layer.bias
     b64 = b.detach().double() if isinstance(b, Tensor) else torch.zeros_like(scale)
     new_b = b64 * scale + shift
     with torch.no_grad():
-        w.copy_(new_w.to(w.dtype))
+        w.mul_(scale.to(w.dtype).view(shape))
         if isinstance(b, Tensor):
             b.copy_(new_b.to(b.dtype))
         else:
@@ -432,13 +433,11 @@ def _fold_post(
             f"{consumer_name} zero-pads its input, so folding the BN into it is exact only with a "
             "border correction (padded='exact', the default)"
         )
-    w64 = w.detach().double()
-    orig_w = w.detach().clone()
+    orig_w = w.detach().clone() if padded_conv else w
     extra = None if padded_conv else _bias_from_shift(layer, shift)
-    new_w = w64 * _input_scale(layer, scale)
     b = layer.bias
     with torch.no_grad():
-        w.copy_(new_w.to(w.dtype))
+        w.mul_(_input_scale(layer, scale).to(w.dtype))
         if extra is not None:
             if isinstance(b, Tensor):
                 b.copy_((b.detach().double() + extra).to(b.dtype))
