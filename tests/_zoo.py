@@ -57,8 +57,8 @@ TIMM: dict[str, dict[str, Any]] = {
 }
 
 # torchvision models that need more than 64x64, or a size given at build time.
-# alexnet: ONNX pools to 6x6 only from a multiple of 6x6; maxvit: partitions of 7 at every stage
-TV_INPUT = {"inception_v3": 80, "alexnet": 224, "maxvit_t": 224}
+# maxvit: partitions of 7 at every stage
+TV_INPUT = {"inception_v3": 80, "maxvit_t": 224}
 TV_KWARGS: dict[str, dict[str, Any]] = {
     "vit_b_16": {"image_size": 64},
     "vit_b_32": {"image_size": 64},
