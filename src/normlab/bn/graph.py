@@ -27,6 +27,7 @@ CPU copies (float64 for statistics), so a record never aliases the model's buffe
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,14 @@ ACTIVATION_FUNCTIONS: frozenset[Any] = frozenset(
 ACTIVATION_METHODS = frozenset(
     {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min"}
 )
+# Elementwise functions of two tensors: the output has the larger rank (broadcasting).
+BINARY_FUNCTIONS: frozenset[Any] = frozenset(
+    {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+)
+BINARY_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"})
+RANK_KEEPING_METHODS = frozenset(
+    {"contiguous", "float", "double", "half", "to", "clone", "transpose", "transpose_"}
+)
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -116,7 +125,9 @@ class Link:
     ``other``. ``name`` is the module's qualified name (or the op's name). ``exclusive``: for a
     producer, its output feeds only this norm; for a consumer, the norm's output reaches only it;
     ``None`` when unknown. ``through`` lists the affine-commuting ops between the norm and a
-    consumer (``dropout``, ``identity``, ``flatten``, ``avg_pool``, ``max_pool``).
+    consumer (``dropout``, ``identity``, ``flatten``, ``avg_pool``, ``max_pool``). ``rank``: for a
+    consumer, the number of dims (batch included) of the tensor it receives, where the traced
+    graph makes it certain (``_FxView.rank``); None when unknown.
     """
 
     kind: str
@@ -124,6 +135,7 @@ class Link:
     exclusive: bool | None = None
     has_bias: bool | None = None
     through: tuple[str, ...] = ()
+    rank: int | None = None
 
 
 @dataclass
@@ -155,6 +167,12 @@ class NormLayer:
     consumer: Link | None = None
     input_shape: tuple[int, ...] | None = None
     """Per-sample shape of the layer's input (C, *spatial), when an example forward ran."""
+    input_rank: int | None = None
+    """Number of dims of the layer's input, batch included: from ``input_shape`` when an example
+    forward ran, else from the traced graph where it is certain (a conv's output, a
+    ``flatten(x, 1)``, a ``view``/``reshape`` with its sizes, ranks kept by elementwise ops);
+    None when unknown. A ``Linear`` acts on the last dim while a BN normalises dim 1: they line
+    up only on 2-d tensors."""
     calls: int = 1
     """How many times the graph calls this layer (a shared module is called more than once)."""
     convention: str = "torch"
@@ -418,6 +436,68 @@ class _FxView:
             return "other"
         return "other"
 
+    def rank(self, node: Any, depth: int = 0) -> int | None:
+        """The number of dims of ``node``'s value (batch included) where the graph makes it
+        certain; None when it does not (a graph input, an op not modelled here)."""
+        if not isinstance(node, fx.Node) or depth > 200:
+            return None
+        kind = self.kind(node)
+        m = self.module(node)
+        if isinstance(m, CONV_MODULES):
+            return len(m.kernel_size) + 2  # the BN after it needs a batch: (N, C, *spatial)
+        if node.op == "call_module" and isinstance(m, nn.Flatten):
+            return 2 if m.start_dim == 1 and m.end_dim == -1 else None
+        if node.target is torch.flatten or (node.op == "call_method" and node.target == "flatten"):
+            return self._flattened_rank(node, depth)
+        if node.op == "call_method" and node.target == "permute":
+            dims = node.args[1:]
+            if len(dims) == 1 and isinstance(dims[0], tuple | list):
+                dims = tuple(dims[0])
+            return len(dims) if dims and all(isinstance(d, int) for d in dims) else None
+        if kind in ("global_avg_pool", "global_max_pool") and node.op != "call_module":
+            return self._reduced_rank(node, depth)
+        if node.op == "call_method" and str(node.target) in ("view", "reshape"):
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], tuple | list):
+                sizes = tuple(sizes[0])
+            elif len(sizes) == 1 and isinstance(sizes[0], fx.Node):
+                return None  # one traced value: a whole shape or a single size, unknown here
+            return len(sizes) if sizes else None
+        if node.target in BINARY_FUNCTIONS or (
+            node.op == "call_method" and str(node.target) in BINARY_METHODS
+        ):
+            ranks = [self.rank(a, depth + 1) for a in node.args[:2] if isinstance(a, fx.Node)]
+            if not ranks or any(r is None for r in ranks):
+                return None
+            return max(r for r in ranks if r is not None)
+        keeps = kind in ("linear", "norm", "activation") or kind.startswith("transparent:")
+        keeps = keeps or kind in ("global_avg_pool", "global_max_pool")  # pooling modules keep dims
+        keeps = keeps or (node.op == "call_method" and str(node.target) in RANK_KEEPING_METHODS)
+        return self.rank(_arg0(node), depth + 1) if keeps else None
+
+    def _flattened_rank(self, node: fx.Node, depth: int) -> int | None:
+        """Rank after ``flatten(x, start_dim, end_dim)``: 2 for ``start_dim=1`` to the end,
+        otherwise from the input's rank."""
+        start, end = _int_arg(node, 1, "start_dim", 0), _int_arg(node, 2, "end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int):
+            return None
+        if start == 1 and end == -1:
+            return 2
+        rank = self.rank(_arg0(node), depth + 1)
+        if rank is None:
+            return None
+        start, end = start % rank, end % rank
+        return rank - (end - start) if end >= start else None
+
+    def _reduced_rank(self, node: fx.Node, depth: int) -> int | None:
+        """Rank after ``mean(dims)`` (or a functional adaptive pool, which keeps dims)."""
+        rank = self.rank(_arg0(node), depth + 1)
+        if rank is None or node.target not in (torch.mean, "mean"):
+            return rank
+        dims = _int_arg(node, 1, "dim", None)
+        keepdim = _int_arg(node, 2, "keepdim", False)
+        return rank if keepdim else rank - (1 if isinstance(dims, int) else len(dims))
+
     def producer(self, node: fx.Node) -> Link:
         src = _arg0(node)
         if not isinstance(src, fx.Node):
@@ -474,6 +554,7 @@ class _FxView:
                     True,
                     has_bias=getattr(m, "bias", None) is not None,
                     through=tuple(through),
+                    rank=self.rank(cur),
                 )
             return Link(kind, _node_name(nxt), True, through=tuple(through))
 
@@ -630,6 +711,7 @@ def analyze(model: nn.Module, example_input: Tensor | Sequence[Tensor] | None = 
             layer = by_name[str(node.target)]
             layer.producer = view.producer(node)
             layer.consumer = view.consumer(node)
+            layer.input_rank = view.rank(_arg0(node))
         for layer in layers:
             layer.calls = calls.get(layer.name, 0)
     elif example_input is not None:
@@ -649,4 +731,5 @@ def analyze(model: nn.Module, example_input: Tensor | Sequence[Tensor] | None = 
         with contextlib.suppress(Exception):
             for name, shape in input_shapes(model, example_input).items():
                 by_name[name].input_shape = shape
+                by_name[name].input_rank = len(shape) + 1
     return ModelGraph(layers, method, reason, calls)
