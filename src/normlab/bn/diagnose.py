@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from normlab.bn.graph import ModelGraph, NormLayer, analyze, eval_mode, norm_family
 from normlab.bn.load import _strip_prefix, require_same_keys
 from normlab.bn.recalibrate import batch_input, recalibrate_batchnorm
+from normlab.bn.scan import UNSAFE_CHECKS
 from normlab.errors import ConfigError, DataError, NormlabError
 from normlab.probes.stats import estimation_shift
 
@@ -112,6 +113,7 @@ CHECKS: dict[str, str] = {
     "graph-unavailable": "graph not traced",
 }
 """Every finding id and its short title (ids are stable: CI scripts may match on them)."""
+CHECKS.update(UNSAFE_CHECKS)  # file-level: unsafe content (normlab.bn.scan), errors
 
 BN_FAMILIES = ("batchnorm", "frozen_bn")
 

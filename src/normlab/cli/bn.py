@@ -296,6 +296,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from normlab.bn.diagnose import Report
+    from normlab.bn.scan import UnsafeFileError
 
     specs = list(args.target)
     if len(specs) > 1 and getattr(args, "weights", None):
@@ -303,8 +304,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             "doctor: --weights loads one file into a module:callable TARGET; for one model per "
             "rank pass the per-rank files as TARGETs (with --arch if they are bare state_dicts)"
         )
-    target = _load(args, specs[0])
+    try:
+        target = _load(args, specs[0])
+    except UnsafeFileError as exc:
+        return _print_report(args, _unsafe_report(exc, specs[0]))
     report = _doctor_one(args, target, specs[0])
+    if target.unsafe:
+        report.notes.append(
+            f"loaded despite {len(target.unsafe)} unsafe item(s) because --unsafe-load was "
+            f"given ({', '.join(sorted({i.id for i in target.unsafe}))}; the first: "
+            f"{target.unsafe[0].message} at {target.unsafe[0].location})"
+        )
     ranks: Report | None = None
     if len(specs) > 1:
         ranks = _rank_targets(args, target, specs)
@@ -315,11 +325,49 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         report.findings.extend(ranks.findings)
         report.checks.append("ranks")
         report.notes.extend(ranks.notes)
+    return _print_report(args, report)
+
+
+def _print_report(args: argparse.Namespace, report: Any) -> int:
     if args.json:
         print(report.to_json(), end="")
     else:
         print(report.format_text(), end="")
-    return report.exit_code
+    return int(report.exit_code)
+
+
+def _unsafe_report(exc: Any, spec: str) -> Any:
+    """The doctor's report on a file refused for unsafe content (:mod:`normlab.bn.scan`): one
+    error finding per item, nothing loaded, and a line on stderr saying the model itself was
+    not checked. (File-level checks: the hook to move into the doctor's check registry.)"""
+    import sys
+
+    from normlab.bn.diagnose import Finding, Report
+
+    by_id: dict[str, list[Any]] = {}
+    for item in exc.items:
+        by_id.setdefault(item.id, []).append(item)
+    findings = [
+        Finding(
+            fid,
+            "error",
+            None,
+            "; ".join(f"{i.message} (at {i.location})" for i in items[:8])
+            + (f"; and {len(items) - 8} more" if len(items) > 8 else ""),
+            "do not load this file with its framework's unsafe loader unless you trust its "
+            "source; re-export the model as tensors only (a state_dict, .safetensors, or a "
+            "Keras/ONNX file without code); pass --unsafe-load to check its model anyway",
+            False,
+            {"items": [{"message": i.message, "location": i.location} for i in items]},
+        )
+        for fid, items in by_id.items()
+    ]
+    print(
+        f"normlab doctor: {exc.path} was not loaded (it holds content that would run code); its "
+        "normalization layers were not checked. Pass --unsafe-load to load it if you trust it.",
+        file=sys.stderr,
+    )
+    return Report(findings, target=f"{spec} (not loaded)", checks=["file-scan"])
 
 
 def _rank_targets(args: argparse.Namespace, first: Any, specs: list[str]) -> Any:
@@ -499,6 +547,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
 def _default_out(target: Any) -> Path:
     if target.kind == "run":
         return Path(target.spec) / "checkpoint-recalibrated.pt"
+    if target.path is not None and target.path.suffix.lower() == ".json":  # a sharded index
+        return target.path.with_name(f"{target.path.name.split('.')[0]}-recalibrated.pt")
     if target.path is not None:
         return target.path.with_name(
             f"{target.path.stem}-recalibrated{target.path.suffix or '.pt'}"
