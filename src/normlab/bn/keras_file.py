@@ -31,6 +31,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,8 +448,21 @@ def read_keras(path: str | Path) -> KerasModel:
     except DataError:
         raise
     # AttributeError, TypeError: the JSON config is not shaped like Keras' (a list where a layer
-    # mapping belongs, say); the file is the user's, so that is bad input, not a bug here
-    except (OSError, KeyError, ValueError, AttributeError, TypeError) as exc:
+    # mapping belongs, say); the file is the user's, so that is bad input, not a bug here.
+    # BadZipFile, zlib.error, EOFError: a damaged archive (bad CRC, truncated member);
+    # RuntimeError: an encrypted member, or JSON nested too deep (RecursionError)
+    except (
+        OSError,
+        KeyError,
+        ValueError,
+        AttributeError,
+        TypeError,
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
         raise DataError(
             f"{path}: not a readable Keras model file ({type(exc).__name__}: {exc})"
         ) from None

@@ -140,9 +140,13 @@ def _import_callable(spec: str) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    """``"TypeError: first line of the message"``."""
+    """``"TypeError: first line of the message"`` (``struct.error``, ``zlib.error``: with the
+    module, so the text never reads like a second ``error:`` line)."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    kind = type(exc).__name__
+    if kind == "error":
+        kind = f"{type(exc).__module__}.error"
+    return f"{kind}: {text.splitlines()[0]}" if text else kind
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
@@ -302,11 +306,17 @@ def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool, list[UnsafeIt
     try:
         return torch.load(path, map_location="cpu", weights_only=True), False, items
     except pickle.UnpicklingError as exc:
+        if not items and not _names_a_global(str(exc)):
+            # the scan saw no import outside the allowlist: the pickle is damaged, not unsafe
+            raise DataError(
+                f"{path}: not a readable PyTorch file: its pickle is damaged or truncated "
+                f"({_unpickler_reason(exc)})"
+            ) from None
         if not unsafe_load:
             raise NormlabError(
                 f"{path}: holds pickled Python objects (e.g. a whole nn.Module), not just tensors; "
                 "loading it would run code from the file. If you trust it, pass --unsafe-load "
-                f"(detail: {str(exc).splitlines()[0]})"
+                f"(detail: {_unpickler_reason(exc)})"
             ) from None
     except Exception as exc:  # torch's readers on a damaged file: zip, pickle, safetensors errors
         raise DataError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from exc
@@ -316,6 +326,18 @@ def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool, list[UnsafeIt
         raise DataError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
 
 
+def _names_a_global(message: str) -> bool:
+    """Whether torch's weights-only refusal is about an import (not about damage)."""
+    return "global" in message.lower()
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says why (its first line is advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    return (why or (lines[0] if lines else type(exc).__name__))[:300]
+
+
 def _run_model(
     run_path: Path, state: Mapping[str, Tensor] | None
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -323,6 +345,10 @@ def _run_model(
     run = RunDir(run_path)
     config = run.read_config()
     summary = run.read_summary() or {}
+    for key in ("num_classes", "channels", "image_size"):
+        value = summary.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise DataError(f"{run.summary_path}: {key} is {value!r}, expected a positive integer")
     model = run.build_model(config, summary)
     if state is not None:
         _load_into(model, state, f"the checkpoint does not match the model of {run.config_path}")
@@ -373,10 +399,9 @@ def load_target(
         run = RunDir(path)
         if not run.exists():
             raise DataError(f"{path}: a directory without config.yaml is not a normlab run")
-        items = _scan(run.checkpoint_path, unsafe_load)
-        ckpt = run.load_checkpoint()
-        if ckpt is None:
+        if not run.checkpoint_path.is_file():
             raise DataError(f"{path}: the run has no checkpoint.pt yet (nothing was trained)")
+        ckpt, _, items = _load_torch(run.checkpoint_path, unsafe_load)
         if not isinstance(ckpt, Mapping) or not _is_state_dict(ckpt.get("model")):
             raise DataError(
                 f"{run.checkpoint_path}: not a normlab checkpoint (a dict with a 'model' "

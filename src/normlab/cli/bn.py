@@ -136,7 +136,14 @@ def _input_shape(args: argparse.Namespace, target: Any) -> tuple[tuple[int, ...]
     if given is not None:
         return given, False
     if target.input_shape is not None:
-        return tuple(target.input_shape), False
+        shape = tuple(target.input_shape)
+        if math.prod(shape) > MAX_SAMPLE_VALUES:
+            raise ConfigError(
+                f"{target.description}: it records an input shape {shape}, {math.prod(shape)} "
+                f"values per sample, more than the {MAX_SAMPLE_VALUES} this tool allocates; "
+                "pass --input-shape C,H,W"
+            )
+        return shape, False
     if target.model is not None:
         return _guess_shape(target.model), True
     return None, True
