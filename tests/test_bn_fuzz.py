@@ -18,7 +18,8 @@ line; each run ends within :data:`SECONDS_PER_RUN` seconds (an alarm). Failures 
 and reported together, naming the case.
 
 Budget: :data:`CASES` cases in CI (``NORMLAB_FUZZ_CASES`` raises it, ``NORMLAB_FUZZ_SEED``
-changes the draw), e.g. ``NORMLAB_FUZZ_CASES=3000 pytest tests/test_bn_fuzz.py -s``.
+changes the draw; ``NORMLAB_FUZZ_TRACE=FILE`` appends each run's case before it starts), e.g.
+``NORMLAB_FUZZ_CASES=3000 pytest tests/test_bn_fuzz.py -s``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CASES = int(os.environ.get("NORMLAB_FUZZ_CASES", "240"))
 SEED = int(os.environ.get("NORMLAB_FUZZ_SEED", "0"))
+TRACE = os.environ.get("NORMLAB_FUZZ_TRACE")
 SECONDS_PER_RUN = 20
 KERAS = Path(__file__).parent / "fixtures" / "keras"
 ARCH = ["--arch", f"{__name__}:_net", "--input-shape", "3,8,8"]
@@ -360,11 +362,16 @@ def test_no_file_ends_in_a_traceback(tmp_path_factory: pytest.TempPathFactory) -
     failures: list[str] = []
     outcomes: Counter[str] = Counter()
     slowest = 0.0
-    for case in cases:
+    for i, case in enumerate(cases):
+        if i and i % 200 == 0:  # progress for long corpora (shown with -s)
+            print(f"bn fuzz: {i} cases, {len(failures)} failing run(s)", flush=True)
         for argv in (
             ["doctor", str(case.target), "--json"],
             ["fold", str(case.target), out_file, "--no-timing", *(ARCH if case.arch else [])],
         ):
+            if TRACE:  # the case about to run, for a corpus that hangs below Python
+                with open(TRACE, "a") as fh:
+                    fh.write(f"{case.name} | {' '.join(argv)}\n")
             code, out, err, seconds = _run(argv)
             slowest = max(slowest, seconds)
             outcomes[f"{argv[0]} exit {code}" if isinstance(code, int) else "problem"] += 1

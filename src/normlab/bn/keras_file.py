@@ -234,7 +234,7 @@ def _weights_keras3(h5: Any, layers: list[_Layer]) -> dict[str, dict[str, np.nda
         expected[f"layers/{key}/vars"] = layer.name
     out: dict[str, dict[str, np.ndarray]] = {}
     for path, group in groups.items():
-        attr = group.attrs.get("name")
+        attr = h5_attr(group, "name")
         name = attr.decode() if isinstance(attr, bytes) else attr
         if name not in by_name:
             name = expected.get(path)
@@ -244,8 +244,35 @@ def _weights_keras3(h5: Any, layers: list[_Layer]) -> dict[str, dict[str, np.nda
         if not keys:
             continue
         names = _var_names(by_name[name], len(keys))
-        out[name] = {n: np.asarray(group[k]) for n, k in zip(names, keys, strict=True)}
+        out[name] = {n: _array(group[k]) for n, k in zip(names, keys, strict=True)}
     return out
+
+
+MAX_ATTR_ITEMS = 1_000_000
+"""Most elements an HDF5 attribute may declare (a damaged dataspace can declare 2**60)."""
+
+MAX_ARRAY_BYTES = 2**34
+"""Most bytes one weight array may declare (16 GiB; beyond is a damaged header, not a model)."""
+
+
+def h5_attr(obj: Any, name: str, default: Any = None) -> Any:
+    """``obj.attrs.get(name, default)``, refusing (ValueError) an attribute that declares more
+    than :data:`MAX_ATTR_ITEMS` elements: h5py would allocate them all before reading."""
+    if name not in obj.attrs:
+        return default
+    shape = obj.attrs.get_id(name).shape or ()
+    if int(np.prod(shape, dtype=np.float64)) > MAX_ATTR_ITEMS:
+        raise ValueError(f"attribute {name!r} declares shape {shape} (damaged?)")
+    return obj.attrs.get(name, default)
+
+
+def _array(dataset: Any) -> np.ndarray:
+    """A dataset's values, refusing (ValueError) one that declares more than
+    :data:`MAX_ARRAY_BYTES`."""
+    declared = float(np.prod(dataset.shape or (), dtype=np.float64)) * dataset.dtype.itemsize
+    if declared > MAX_ARRAY_BYTES:
+        raise ValueError(f"dataset {dataset.name!r} declares shape {dataset.shape} (damaged?)")
+    return np.asarray(dataset)
 
 
 def _decode(value: Any) -> str:
@@ -254,18 +281,18 @@ def _decode(value: Any) -> str:
 
 def _weights_h5(root: Any) -> dict[str, dict[str, np.ndarray]]:
     out: dict[str, dict[str, np.ndarray]] = {}
-    names = [_decode(n) for n in root.attrs.get("layer_names", list(root.keys()))]
+    names = [_decode(n) for n in h5_attr(root, "layer_names", list(root.keys()))]
     for lname in names:
         if lname not in root:
             continue
         group = root[lname]
-        weight_names = [_decode(w) for w in group.attrs.get("weight_names", [])]
+        weight_names = [_decode(w) for w in h5_attr(group, "weight_names", [])]
         values: dict[str, np.ndarray] = {}
         for wname in weight_names:
             if wname not in group:
                 continue
             short = wname.rsplit("/", 1)[-1].split(":", 1)[0]
-            values[short] = np.asarray(group[wname])
+            values[short] = _array(group[wname])
         out[lname] = values
     return out
 
@@ -426,14 +453,14 @@ def read_keras(path: str | Path) -> KerasModel:
                 path, "keras", meta.get("keras_version"), _records(layers, weights), config, weights
             )
         with h5py.File(path, "r") as h5:
-            raw = h5.attrs.get("model_config")
+            raw = h5_attr(h5, "model_config")
             if raw is None:
                 raise DataError(
                     f"{path}: HDF5 file without a 'model_config' attribute (a weights-only file?); "
                     "doctor needs the full model saved with model.save()"
                 )
             config = _mapping(json.loads(_decode(raw)), path, "model_config")
-            version = h5.attrs.get("keras_version")
+            version = h5_attr(h5, "keras_version")
             root = h5.get("model_weights", h5)
             weights = _weights_h5(root)
         layers = _flatten_layers(config)

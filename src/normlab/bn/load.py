@@ -306,7 +306,7 @@ def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool, list[UnsafeIt
     try:
         return torch.load(path, map_location="cpu", weights_only=True), False, items
     except pickle.UnpicklingError as exc:
-        if not items and not _names_a_global(str(exc)):
+        if not items and not _names_a_global(_unpickler_reason(exc)):
             # the scan saw no import outside the allowlist: the pickle is damaged, not unsafe
             raise DataError(
                 f"{path}: not a readable PyTorch file: its pickle is damaged or truncated "
@@ -318,6 +318,10 @@ def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool, list[UnsafeIt
                 "loading it would run code from the file. If you trust it, pass --unsafe-load "
                 f"(detail: {_unpickler_reason(exc)})"
             ) from None
+    except EOFError:
+        raise DataError(
+            f"{path}: not a readable PyTorch file: it ends early (truncated?) (EOFError)"
+        ) from None
     except Exception as exc:  # torch's readers on a damaged file: zip, pickle, safetensors errors
         raise DataError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from exc
     try:

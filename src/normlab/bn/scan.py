@@ -45,6 +45,7 @@ import io
 import json
 import mmap
 import pickletools
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ def _pickle_globals(stream: IO[bytes]) -> Iterator[tuple[str, int]]:
             else:
                 recent.append(None)
             del recent[:-2]
-    except ValueError:
+    except (ValueError, EOFError, OverflowError, struct.error):
         return  # damaged or truncated: the loader reports it
 
 
@@ -284,7 +285,7 @@ def _open_zip(path: Path, fh: IO[bytes]) -> tuple[zipfile.ZipFile | None, list[U
     than :data:`MAX_ZIP_ENTRIES` members (then not opened: its directory would fill memory)."""
     try:
         end = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # multi-disk, damaged
         end = None
     if end is not None and int(end[4]) > MAX_ZIP_ENTRIES:
         item = UnsafeItem(
@@ -433,10 +434,12 @@ def _h5_items(path: Path) -> list[UnsafeItem]:
         import h5py
     except ImportError:  # pragma: no cover - depends on the environment
         return []
+    from normlab.bn.keras_file import h5_attr
+
     try:
         with h5py.File(path, "r") as h5:
-            raw = h5.attrs.get("model_config")
-    except (OSError, KeyError, ValueError, TypeError):
+            raw = h5_attr(h5, "model_config")
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError):
         return []  # not HDF5, damaged: the reader reports it
     if raw is None:
         return []
