@@ -486,3 +486,30 @@ def test_an_unsafe_shard_refuses_the_whole_checkpoint(tmp_path: Path) -> None:
         load_target(str(bin_index))
     assert "model-b.bin" in info.value.items[0].location
     assert not (tmp_path / "SENTINEL").exists()
+
+
+def test_an_h5_file_that_loops_libhdf5_is_a_named_error_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by tests/test_bn_fuzz.py: 8 bytes changed in trained.h5 send libhdf5 (1.14, in
+    h5py 3.16) into an endless loop reading the model_config attribute, in C, where no signal
+    reaches. Reads run in a child process bounded in time; a libhdf5 that does not loop gives
+    a named error too."""
+    import time
+
+    from normlab.bn import keras_file
+    from normlab.cli import main
+
+    data = bytearray((KERAS / "trained.h5").read_bytes())
+    for offset, value in (
+        (1945, 94), (7013, 157), (9904, 100), (9953, 230),
+        (11160, 174), (17819, 111), (27717, 64), (32417, 158),
+    ):  # fmt: skip
+        data[offset] = value
+    (tmp_path / "loops.h5").write_bytes(bytes(data))
+    monkeypatch.setattr(keras_file, "H5_SECONDS", 3.0)
+    start = time.perf_counter()
+    assert main(["doctor", str(tmp_path / "loops.h5")]) == 2
+    assert time.perf_counter() - start < 15
+    err = capsys.readouterr().err
+    assert err.startswith("normlab doctor: error: ") and "loops.h5" in err

@@ -32,6 +32,7 @@ import json
 import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,11 +419,51 @@ def _records(layers: list[_Layer], weights: dict[str, dict[str, np.ndarray]]) ->
     return out
 
 
+H5_SECONDS = 120.0
+"""Longest an HDF5 read may take (:func:`bounded`): libhdf5 can loop forever on a damaged file,
+in C, where no signal reaches it."""
+
+
+def bounded(fn: Callable[..., Any], path: Path, *args: Any) -> Any:
+    """``fn(path, *args)`` in a forked child process, DataError naming ``path`` when it runs
+    past :data:`H5_SECONDS` (the child is killed). Exceptions in ``fn`` are raised here. Where
+    fork is unavailable, ``fn`` runs in this process."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():  # pragma: no cover - not Linux/macOS
+        return fn(path, *args)
+    with mp.get_context("fork").Pool(1) as pool:
+        job = pool.apply_async(fn, (path, *args))
+        try:
+            return job.get(H5_SECONDS)
+        except mp.TimeoutError:
+            pool.terminate()
+            raise DataError(
+                f"{path}: reading it as HDF5 did not finish in {H5_SECONDS:g} s (a damaged file "
+                "that sends libhdf5 into a loop?)"
+            ) from None
+
+
 def read_keras(path: str | Path) -> KerasModel:
-    """The normalization layers (and raw weights) of a ``.keras`` or ``.h5`` Keras model file.
+    """The normalization layers (and raw weights) of a ``.keras`` or ``.h5`` Keras model file,
+    read in a child process bounded in time (:func:`bounded`).
 
     Raises :class:`DataError` naming the file when it is not a readable Keras model.
     """
+    path = Path(path)
+    # the child returns arrays only (tensors would travel as shared-memory handles)
+    km: KerasModel = bounded(_read_keras, path, False)
+    try:
+        km.layers = _records(_flatten_layers(km.config), km.weights)
+    except (KeyError, ValueError, AttributeError, TypeError) as exc:  # see _read_keras
+        raise DataError(
+            f"{path}: not a readable Keras model file ({type(exc).__name__}: {exc})"
+        ) from None
+    return km
+
+
+def _read_keras(path: Path, records: bool = True) -> KerasModel:
+    """What :func:`read_keras` returns; layer records only when ``records``."""
     try:
         import h5py
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -449,9 +490,8 @@ def read_keras(path: str | Path) -> KerasModel:
             layers = _flatten_layers(config)
             with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
                 weights = _weights_keras3(h5, layers)
-            return KerasModel(
-                path, "keras", meta.get("keras_version"), _records(layers, weights), config, weights
-            )
+            found = _records(layers, weights) if records else []
+            return KerasModel(path, "keras", meta.get("keras_version"), found, config, weights)
         with h5py.File(path, "r") as h5:
             raw = h5_attr(h5, "model_config")
             if raw is None:
@@ -468,7 +508,7 @@ def read_keras(path: str | Path) -> KerasModel:
             path,
             "h5",
             _decode(version) if version is not None else None,
-            _records(layers, weights),
+            _records(layers, weights) if records else [],
             config,
             weights,
         )

@@ -430,21 +430,29 @@ def _keras_items(path: Path) -> list[UnsafeItem]:
 
 
 def _h5_items(path: Path) -> list[UnsafeItem]:
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - depends on the environment
-        return []
-    from normlab.bn.keras_file import h5_attr
+    from normlab.bn.keras_file import bounded
 
-    try:
-        with h5py.File(path, "r") as h5:
-            raw = h5_attr(h5, "model_config")
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError):
-        return []  # not HDF5, damaged: the reader reports it
+    raw = bounded(_h5_config, path)  # libhdf5 can loop forever on a damaged file
     if raw is None:
         return []
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     return list(_keras_config_items(_parse_json(text), f"{path.name}:model_config"))
+
+
+def _h5_config(path: Path) -> Any:
+    """The ``model_config`` attribute of an HDF5 file; None when there is none or the file is
+    not readable HDF5 (the reader reports that)."""
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    from normlab.bn.keras_file import h5_attr
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5_attr(h5, "model_config")
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError):
+        return None
 
 
 # ---- ONNX --------------------------------------------------------------------------------------
