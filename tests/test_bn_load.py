@@ -290,3 +290,226 @@ def test_missing_and_odd_targets(tmp_path: Path) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(DataError, match="neither a model"):
         load_target(str(tmp_path / "list.pt"))
+
+
+# ---- sharded checkpoints (an index JSON naming several weight files) -------------------------
+
+
+def _bnnet() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+
+
+def _sharded(tmp_path: Path) -> tuple[dict[str, torch.Tensor], Path, Path, Path]:
+    """A trained-looking state_dict (BN 1 with statistics never updated: a doctor error) as one
+    .safetensors file, and as two-shard safetensors and .bin checkpoints with their indexes."""
+    from safetensors.torch import save_file
+
+    model = _bnnet()
+    with torch.no_grad():
+        model[1].weight.mul_(2.0)
+        model[4].running_mean.uniform_(-1, 1)
+        model[4].running_var.uniform_(0.5, 2)
+        model[4].num_batches_tracked.fill_(100)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "model.safetensors")
+    keys = list(state)
+    parts = {"a": keys[: len(keys) // 2], "b": keys[len(keys) // 2 :]}
+    indexes = []
+    for fmt in ("safetensors", "bin"):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        weight_map = {}
+        for part, names in parts.items():
+            shard = f"model-{part}.{fmt}"
+            tensors = {k: state[k] for k in names}
+            if fmt == "safetensors":
+                save_file(tensors, folder / shard)
+            else:
+                torch.save(tensors, folder / shard)
+            weight_map.update({k: shard for k in names})
+        name = (
+            "model.safetensors.index.json"
+            if fmt == "safetensors"
+            else "pytorch_model.bin.index.json"
+        )
+        index = folder / name
+        index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        indexes.append(index)
+    return state, tmp_path / "model.safetensors", indexes[0], indexes[1]
+
+
+def test_single_safetensors_and_sharded_indexes_load_the_same_tensors(tmp_path: Path) -> None:
+    state, single, st_index, bin_index = _sharded(tmp_path)
+    for spec in (single, st_index, bin_index):
+        t = load_target(str(spec))
+        assert t.kind == "tensors" and t.state_dict is not None
+        assert set(t.state_dict) == set(state)
+        assert all(torch.equal(t.state_dict[k], v) for k, v in state.items()), spec.name
+    t = load_target(str(bin_index), arch=f"{__name__}:_bnnet")
+    assert t.kind == "state_dict" and t.model is not None
+    assert any("2 shard file(s)" in n for n in load_target(str(st_index)).notes)
+
+
+def _doctor(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict]:
+    from normlab.cli import main
+
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_sharded_doctor_fold_convert_recalibrate_equal_the_single_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Oracle: every command gives on the shards what it gives on the unsharded file."""
+    from normlab.cli import main
+
+    _, single, st_index, bin_index = _sharded(tmp_path)
+    arch = ["--arch", f"{__name__}:_bnnet", "--input-shape", "3,12,12"]
+
+    def findings(report: dict, spec: Path) -> str:  # fix texts name the target: neutralise that
+        return json.dumps(report["findings"]).replace(str(spec), "TARGET")
+
+    code, ref = _doctor(capsys, ["doctor", str(single), *arch])
+    assert code == 2 and "bn-stats-initial" in {f["id"] for f in ref["findings"]}
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for spec in (single, st_index, bin_index):
+        code, rep = _doctor(capsys, ["doctor", str(spec), *arch])
+        assert code == 2 and findings(rep, spec) == findings(ref, single), spec.name
+        out = tmp_path / f"{spec.name}.out"
+        outs = []
+        for argv in (
+            ["fold", str(spec), f"{out}.fold.pt", *arch, "--no-timing"],
+            ["convert", str(spec), f"{out}.conv.pt", *arch, "--op", "frozen-bn"],
+        ):
+            assert main(argv) == 0, argv
+            capsys.readouterr()
+            model = load_target(argv[2], unsafe_load=True).model
+            assert model is not None
+            with torch.no_grad():
+                outs.append(model.eval()(x))
+        recal = f"{out}.recal.pt"
+        argv = ["recalibrate", str(spec), *arch, "--data", "synthetic", "--batches", "2"]
+        assert main([*argv, "--out", recal]) == 0
+        capsys.readouterr()
+        model = load_target(recal, arch=f"{__name__}:_bnnet").model
+        assert model is not None
+        with torch.no_grad():
+            outs.append(model.eval()(x))
+        outputs[spec.name] = outs
+    ref_outs = outputs[single.name]
+    for name, outs in outputs.items():
+        assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs, strict=True)), name
+
+
+def _rewrite_index(index: Path, edit: object) -> None:
+    data = json.loads(index.read_text())
+    edit(data["weight_map"])  # type: ignore[operator]
+    index.write_text(json.dumps(data))
+
+
+def test_sharded_index_errors_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state, _, st_index, _ = _sharded(tmp_path)
+    folder = st_index.parent
+    first = next(iter(state))
+
+    def expect(pattern: str) -> None:
+        with pytest.raises(DataError, match=pattern):
+            load_target(str(st_index))
+
+    original = st_index.read_text()
+    _rewrite_index(st_index, lambda m: m.update({first: "model-c.safetensors"}))
+    expect(r"shard 'model-c.safetensors' is missing")
+    st_index.write_text(original)
+    _rewrite_index(st_index, lambda m: m.update({first: "../model.safetensors"}))
+    expect(r"outside the index's folder")
+    st_index.write_text(original)
+    _rewrite_index(st_index, lambda m: m.update({first: "/etc/passwd"}))
+    expect(r"outside the index's folder")
+    st_index.write_text(original)
+    # the same key in both shard files
+    shard_b = folder / "model-b.safetensors"
+    from safetensors.torch import load_file
+
+    b = load_file(shard_b)
+    save_file({**b, first: state[first]}, shard_b)
+    expect(r"is in two shards, .model-a.safetensors. and .model-b.safetensors.")
+    save_file(b, shard_b)
+    # a key the index lists in a shard that lacks it
+    _rewrite_index(st_index, lambda m: m.update({"extra.weight": "model-b.safetensors"}))
+    expect(r"shard 'model-b.safetensors' lacks 'extra.weight'")
+    st_index.write_text(original)
+    # a key listed twice in the JSON text (json.loads would keep only the last)
+    text = original.replace(
+        '"weight_map": {', f'"weight_map": {{"{first}": "model-b.safetensors", ', 1
+    )
+    st_index.write_text(text)
+    expect(r"listed twice")
+    for text, pattern in (
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "a JSON list"),
+        ('{"metadata": {}}', "no 'weight_map'"),
+        ('{"weight_map": {"a": 3}}', "not a file name"),
+    ):
+        st_index.write_text(text)
+        expect(pattern)
+    st_index.write_text(original)
+    assert load_target(str(st_index)).state_dict is not None
+
+
+def test_an_unsafe_shard_refuses_the_whole_checkpoint(tmp_path: Path) -> None:
+    import os
+
+    from normlab.bn.scan import UnsafeFileError
+
+    class _System:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'SENTINEL'}",))
+
+    _, _, _, bin_index = _sharded(tmp_path)
+    shard = bin_index.parent / "model-b.bin"
+    tensors = torch.load(shard, weights_only=True)
+    torch.save({**tensors, "evil": _System()}, shard)
+    with pytest.raises(UnsafeFileError, match="unsafe-pickle-global") as info:
+        load_target(str(bin_index))
+    assert "model-b.bin" in info.value.items[0].location
+    assert not (tmp_path / "SENTINEL").exists()
+
+
+def test_an_h5_file_that_loops_libhdf5_is_a_named_error_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by tests/test_bn_fuzz.py: 8 bytes changed in trained.h5 send libhdf5 (1.14, in
+    h5py 3.16) into an endless loop reading the model_config attribute, in C, where no signal
+    reaches. Reads run in a child process bounded in time; a libhdf5 that does not loop gives
+    a named error too."""
+    import time
+
+    from normlab.bn import keras_file
+    from normlab.cli import main
+
+    data = bytearray((KERAS / "trained.h5").read_bytes())
+    for offset, value in (
+        (1945, 94), (7013, 157), (9904, 100), (9953, 230),
+        (11160, 174), (17819, 111), (27717, 64), (32417, 158),
+    ):  # fmt: skip
+        data[offset] = value
+    (tmp_path / "loops.h5").write_bytes(bytes(data))
+    monkeypatch.setattr(keras_file, "H5_SECONDS", 3.0)
+    start = time.perf_counter()
+    assert main(["doctor", str(tmp_path / "loops.h5")]) == 2
+    assert time.perf_counter() - start < 15
+    err = capsys.readouterr().err
+    assert err.startswith("normlab doctor: error: ") and "loops.h5" in err

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab.bn import static_checks, training_checks
+from normlab.bn import file_checks, static_checks, training_checks
 from normlab.bn.checks import SEVERITIES, CheckContext, all_checks
 from normlab.bn.dynamic_checks import (
     DataInput,
@@ -72,7 +72,7 @@ __all__ = [
     "file_findings",
 ]
 
-assert training_checks  # imported to register its checks
+assert file_checks and training_checks  # imported to register their checks
 
 CHECKS: dict[str, str] = {c.id: c.title for c in all_checks()}
 """Every finding id and its short title, from the registry (ids are stable: CI scripts may

@@ -34,6 +34,8 @@ import io
 import json
 import re
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,7 @@ def _weights_keras3(h5: Any, layers: list[_Layer]) -> dict[str, dict[str, np.nda
         expected[f"layers/{key}/vars"] = layer.name
     out: dict[str, dict[str, np.ndarray]] = {}
     for path, group in groups.items():
-        attr = group.attrs.get("name")
+        attr = h5_attr(group, "name")
         name = attr.decode() if isinstance(attr, bytes) else attr
         if name not in by_name:
             name = expected.get(path)
@@ -246,8 +248,35 @@ def _weights_keras3(h5: Any, layers: list[_Layer]) -> dict[str, dict[str, np.nda
         if not keys:
             continue
         names = _var_names(by_name[name], len(keys))
-        out[name] = {n: np.asarray(group[k]) for n, k in zip(names, keys, strict=True)}
+        out[name] = {n: _array(group[k]) for n, k in zip(names, keys, strict=True)}
     return out
+
+
+MAX_ATTR_ITEMS = 1_000_000
+"""Most elements an HDF5 attribute may declare (a damaged dataspace can declare 2**60)."""
+
+MAX_ARRAY_BYTES = 2**34
+"""Most bytes one weight array may declare (16 GiB; beyond is a damaged header, not a model)."""
+
+
+def h5_attr(obj: Any, name: str, default: Any = None) -> Any:
+    """``obj.attrs.get(name, default)``, refusing (ValueError) an attribute that declares more
+    than :data:`MAX_ATTR_ITEMS` elements: h5py would allocate them all before reading."""
+    if name not in obj.attrs:
+        return default
+    shape = obj.attrs.get_id(name).shape or ()
+    if int(np.prod(shape, dtype=np.float64)) > MAX_ATTR_ITEMS:
+        raise ValueError(f"attribute {name!r} declares shape {shape} (damaged?)")
+    return obj.attrs.get(name, default)
+
+
+def _array(dataset: Any) -> np.ndarray:
+    """A dataset's values, refusing (ValueError) one that declares more than
+    :data:`MAX_ARRAY_BYTES`."""
+    declared = float(np.prod(dataset.shape or (), dtype=np.float64)) * dataset.dtype.itemsize
+    if declared > MAX_ARRAY_BYTES:
+        raise ValueError(f"dataset {dataset.name!r} declares shape {dataset.shape} (damaged?)")
+    return np.asarray(dataset)
 
 
 def _decode(value: Any) -> str:
@@ -256,18 +285,18 @@ def _decode(value: Any) -> str:
 
 def _weights_h5(root: Any) -> dict[str, dict[str, np.ndarray]]:
     out: dict[str, dict[str, np.ndarray]] = {}
-    names = [_decode(n) for n in root.attrs.get("layer_names", list(root.keys()))]
+    names = [_decode(n) for n in h5_attr(root, "layer_names", list(root.keys()))]
     for lname in names:
         if lname not in root:
             continue
         group = root[lname]
-        weight_names = [_decode(w) for w in group.attrs.get("weight_names", [])]
+        weight_names = [_decode(w) for w in h5_attr(group, "weight_names", [])]
         values: dict[str, np.ndarray] = {}
         for wname in weight_names:
             if wname not in group:
                 continue
             short = wname.rsplit("/", 1)[-1].split(":", 1)[0]
-            values[short] = np.asarray(group[wname])
+            values[short] = _array(group[wname])
         out[lname] = values
     return out
 
@@ -393,11 +422,51 @@ def _records(layers: list[_Layer], weights: dict[str, dict[str, np.ndarray]]) ->
     return out
 
 
+H5_SECONDS = 120.0
+"""Longest an HDF5 read may take (:func:`bounded`): libhdf5 can loop forever on a damaged file,
+in C, where no signal reaches it."""
+
+
+def bounded(fn: Callable[..., Any], path: Path, *args: Any) -> Any:
+    """``fn(path, *args)`` in a forked child process, DataError naming ``path`` when it runs
+    past :data:`H5_SECONDS` (the child is killed). Exceptions in ``fn`` are raised here. Where
+    fork is unavailable, ``fn`` runs in this process."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():  # pragma: no cover - not Linux/macOS
+        return fn(path, *args)
+    with mp.get_context("fork").Pool(1) as pool:
+        job = pool.apply_async(fn, (path, *args))
+        try:
+            return job.get(H5_SECONDS)
+        except mp.TimeoutError:
+            pool.terminate()
+            raise DataError(
+                f"{path}: reading it as HDF5 did not finish in {H5_SECONDS:g} s (a damaged file "
+                "that sends libhdf5 into a loop?)"
+            ) from None
+
+
 def read_keras(path: str | Path) -> KerasModel:
-    """The normalization layers (and raw weights) of a ``.keras`` or ``.h5`` Keras model file.
+    """The normalization layers (and raw weights) of a ``.keras`` or ``.h5`` Keras model file,
+    read in a child process bounded in time (:func:`bounded`).
 
     Raises :class:`DataError` naming the file when it is not a readable Keras model.
     """
+    path = Path(path)
+    # the child returns arrays only (tensors would travel as shared-memory handles)
+    km: KerasModel = bounded(_read_keras, path, False)
+    try:
+        km.layers = _records(_flatten_layers(km.config), km.weights)
+    except (KeyError, ValueError, AttributeError, TypeError) as exc:  # see _read_keras
+        raise DataError(
+            f"{path}: not a readable Keras model file ({type(exc).__name__}: {exc})"
+        ) from None
+    return km
+
+
+def _read_keras(path: Path, records: bool = True) -> KerasModel:
+    """What :func:`read_keras` returns; layer records only when ``records``."""
     try:
         import h5py
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -424,18 +493,17 @@ def read_keras(path: str | Path) -> KerasModel:
             layers = _flatten_layers(config)
             with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
                 weights = _weights_keras3(h5, layers)
-            return KerasModel(
-                path, "keras", meta.get("keras_version"), _records(layers, weights), config, weights
-            )
+            found = _records(layers, weights) if records else []
+            return KerasModel(path, "keras", meta.get("keras_version"), found, config, weights)
         with h5py.File(path, "r") as h5:
-            raw = h5.attrs.get("model_config")
+            raw = h5_attr(h5, "model_config")
             if raw is None:
                 raise DataError(
                     f"{path}: HDF5 file without a 'model_config' attribute (a weights-only file?); "
                     "doctor needs the full model saved with model.save()"
                 )
             config = _mapping(json.loads(_decode(raw)), path, "model_config")
-            version = h5.attrs.get("keras_version")
+            version = h5_attr(h5, "keras_version")
             root = h5.get("model_weights", h5)
             weights = _weights_h5(root)
         layers = _flatten_layers(config)
@@ -443,15 +511,28 @@ def read_keras(path: str | Path) -> KerasModel:
             path,
             "h5",
             _decode(version) if version is not None else None,
-            _records(layers, weights),
+            _records(layers, weights) if records else [],
             config,
             weights,
         )
     except DataError:
         raise
     # AttributeError, TypeError: the JSON config is not shaped like Keras' (a list where a layer
-    # mapping belongs, say); the file is the user's, so that is bad input, not a bug here
-    except (OSError, KeyError, ValueError, AttributeError, TypeError) as exc:
+    # mapping belongs, say); the file is the user's, so that is bad input, not a bug here.
+    # BadZipFile, zlib.error, EOFError: a damaged archive (bad CRC, truncated member);
+    # RuntimeError: an encrypted member, or JSON nested too deep (RecursionError)
+    except (
+        OSError,
+        KeyError,
+        ValueError,
+        AttributeError,
+        TypeError,
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
         raise DataError(
             f"{path}: not a readable Keras model file ({type(exc).__name__}: {exc})"
         ) from None

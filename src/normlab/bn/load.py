@@ -17,7 +17,19 @@ whole pickled module              refused unless ``unsafe_load=True`` (``--unsaf
                                   ``normlab:resnet20,placement=post``
 ``.onnx``                         :func:`normlab.bn.onnx_file.read_onnx` (layer records only)
 ``.keras`` / ``.h5``              :func:`normlab.bn.keras_file.read_keras` (layer records only)
+sharded index ``*.json``          ``{"metadata": ..., "weight_map": {key: shard file}}`` as the
+                                  Hugging Face hub ships large models
+                                  (``model.safetensors.index.json``,
+                                  ``pytorch_model.bin.index.json``): every shard is read and
+                                  checked, and their tensors are one state_dict (as above)
 ================================  ==============================================================
+
+Every file is scanned before it is read (:func:`normlab.bn.scan.unsafe_findings`): content that
+would run code when its framework loads it (pickle globals outside torch's weights-only
+allowlist, Keras ``Lambda`` layers and objects from outside Keras, ONNX external data outside
+the model's folder, zip bombs) raises :class:`~normlab.bn.scan.UnsafeFileError` listing every
+item, before anything is loaded, unless ``unsafe_load=True``; then the items are kept in
+``Target.unsafe``.
 
 Every torch file is read with ``torch.load(weights_only=True)`` first. ``--arch`` takes a
 ``module:callable`` or ``normlab:NAME`` and ``--weights FILE`` loads a state_dict into a callable's
@@ -45,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.bn.graph import NormLayer
+from normlab.bn.scan import UnsafeFileError, UnsafeItem, unsafe_findings
 from normlab.errors import ConfigError, DataError, NormlabError
 from normlab.models import build_model
 from normlab.store import RunDir
@@ -91,6 +104,8 @@ class Target:
     notes: list[str] = field(default_factory=list)
     state_dict: dict[str, Tensor] | None = None
     """The tensors of a ``tensors`` target (no model to take them from)."""
+    unsafe: list[UnsafeItem] = field(default_factory=list)
+    """What the scan found in files loaded anyway because ``unsafe_load=True``."""
 
     @property
     def description(self) -> str:
@@ -125,9 +140,13 @@ def _import_callable(spec: str) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    """``"TypeError: first line of the message"``."""
+    """``"TypeError: first line of the message"`` (``struct.error``, ``zlib.error``: with the
+    module, so the text never reads like a second ``error:`` line)."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    kind = type(exc).__name__
+    if kind == "error":
+        kind = f"{type(exc).__module__}.error"
+    return f"{kind}: {text.splitlines()[0]}" if text else kind
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
@@ -271,24 +290,56 @@ def _check_torch_file(path: Path) -> None:
     raise DataError(f"{path}: not a PyTorch file: it holds {found} ({expected})")
 
 
-def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool]:
-    """(object, was_pickled_code)."""
+def _scan(path: Path, unsafe_load: bool) -> list[UnsafeItem]:
+    """What :func:`unsafe_findings` finds in ``path``; UnsafeFileError for any of it unless
+    ``unsafe_load``."""
+    items = unsafe_findings(path)
+    if items and not unsafe_load:
+        raise UnsafeFileError(path, items)
+    return items
+
+
+def _load_torch(path: Path, unsafe_load: bool) -> tuple[Any, bool, list[UnsafeItem]]:
+    """(object, was_pickled_code, unsafe items). The file is scanned first (:func:`_scan`)."""
     _check_torch_file(path)
+    items = _scan(path, unsafe_load)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), False
+        return torch.load(path, map_location="cpu", weights_only=True), False, items
     except pickle.UnpicklingError as exc:
+        if not items and not _names_a_global(_unpickler_reason(exc)):
+            # the scan saw no import outside the allowlist: the pickle is damaged, not unsafe
+            raise DataError(
+                f"{path}: not a readable PyTorch file: its pickle is damaged or truncated "
+                f"({_unpickler_reason(exc)})"
+            ) from None
         if not unsafe_load:
             raise NormlabError(
                 f"{path}: holds pickled Python objects (e.g. a whole nn.Module), not just tensors; "
                 "loading it would run code from the file. If you trust it, pass --unsafe-load "
-                f"(detail: {str(exc).splitlines()[0]})"
+                f"(detail: {_unpickler_reason(exc)})"
             ) from None
+    except EOFError:
+        raise DataError(
+            f"{path}: not a readable PyTorch file: it ends early (truncated?) (EOFError)"
+        ) from None
     except Exception as exc:  # torch's readers on a damaged file: zip, pickle, safetensors errors
         raise DataError(f"{path}: not a readable PyTorch file ({_first_line(exc)})") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), True
+        return torch.load(path, map_location="cpu", weights_only=False), True, items
     except Exception as exc:
         raise DataError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
+
+
+def _names_a_global(message: str) -> bool:
+    """Whether torch's weights-only refusal is about an import (not about damage)."""
+    return "global" in message.lower()
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says why (its first line is advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    return (why or (lines[0] if lines else type(exc).__name__))[:300]
 
 
 def _run_model(
@@ -298,6 +349,10 @@ def _run_model(
     run = RunDir(run_path)
     config = run.read_config()
     summary = run.read_summary() or {}
+    for key in ("num_classes", "channels", "image_size"):
+        value = summary.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise DataError(f"{run.summary_path}: {key} is {value!r}, expected a positive integer")
     model = run.build_model(config, summary)
     if state is not None:
         _load_into(model, state, f"the checkpoint does not match the model of {run.config_path}")
@@ -329,7 +384,7 @@ def load_target(
         model = build_arch(spec, num_classes=num_classes)
         target = Target(spec, "callable", model, mode_recorded=False)
         if weights:
-            obj, _ = _load_torch(Path(weights), unsafe_load)
+            obj, _, target.unsafe = _load_torch(Path(weights), unsafe_load)
             state = (
                 obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, Mapping) else obj
             )
@@ -348,23 +403,61 @@ def load_target(
         run = RunDir(path)
         if not run.exists():
             raise DataError(f"{path}: a directory without config.yaml is not a normlab run")
-        ckpt = run.load_checkpoint()
-        if ckpt is None:
+        if not run.checkpoint_path.is_file():
             raise DataError(f"{path}: the run has no checkpoint.pt yet (nothing was trained)")
-        return _run_target(spec, "run", path, ckpt, run.checkpoint_path)
+        ckpt, _, items = _load_torch(run.checkpoint_path, unsafe_load)
+        if not isinstance(ckpt, Mapping) or not _is_state_dict(ckpt.get("model")):
+            raise DataError(
+                f"{run.checkpoint_path}: not a normlab checkpoint (a dict with a 'model' "
+                "state_dict)"
+            )
+        target = _run_target(spec, "run", path, dict(ckpt), run.checkpoint_path)
+        target.unsafe = items
+        return target
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device?)")
+    target = _load_file(spec, path, arch, unsafe_load, num_classes)
+    return target
+
+
+def _load_file(
+    spec: str, path: Path, arch: str | None, unsafe_load: bool, num_classes: int | None
+) -> Target:
+    """A TARGET that is a file (scanned first: UnsafeFileError unless ``unsafe_load``)."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         from normlab.bn.onnx_file import read_onnx
 
-        return Target(spec, "onnx", layers=read_onnx(path), mode_recorded=True, path=path)
+        items = _scan(path, unsafe_load)
+        target = Target(spec, "onnx", layers=read_onnx(path), mode_recorded=True, path=path)
+        target.unsafe = items
+        return target
     if suffix in (".keras", ".h5", ".hdf5"):
         from normlab.bn.keras_file import read_keras
 
+        items = _scan(path, unsafe_load)
         km = read_keras(path)
-        target = Target(spec, "keras", layers=km.layers, path=path)
+        target = Target(spec, "keras", layers=km.layers, path=path, unsafe=items)
         target.notes.append(f"Keras {km.format} file (Keras {km.keras_version or 'unknown'})")
         return target
-    obj, pickled = _load_torch(path, unsafe_load)
+    if suffix == ".json":
+        from normlab.bn.shards import read_sharded
+
+        state, items, note = read_sharded(path, lambda p: _load_torch(p, unsafe_load))
+        target = _from_state(spec, path, state, arch, num_classes, None, None, None)
+        target.unsafe = items
+        target.notes.insert(0, note)
+        return target
+    obj, pickled, items = _load_torch(path, unsafe_load)
+    target = _torch_target(spec, path, obj, pickled, arch, num_classes)
+    target.unsafe = items
+    return target
+
+
+def _torch_target(
+    spec: str, path: Path, obj: Any, pickled: bool, arch: str | None, num_classes: int | None
+) -> Target:
+    """The TARGET a loaded torch file's object is."""
     if isinstance(obj, nn.Module):
         return Target(spec, "module", obj, mode_recorded=True, path=path)
     if pickled and not isinstance(obj, Mapping):
@@ -475,7 +568,7 @@ def read_rank_buffers(path: str | Path) -> dict[str, Tensor]:
     """One rank's BN buffers (weights-only load; prefixes removed). DataError when the file is
     unreadable or not a mapping of names to tensors."""
     path = Path(path)
-    obj, _ = _load_torch(path, unsafe_load=False)
+    obj, _, _ = _load_torch(path, unsafe_load=False)
     if not _is_state_dict(obj):
         raise DataError(
             f"{path}: expected a dict of BN buffer tensors keyed by state_dict key (as normlab "

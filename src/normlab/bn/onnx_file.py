@@ -85,6 +85,18 @@ def read_onnx(path: str | Path) -> list[NormLayer]:
             f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"
         ) from None
     try:
+        return _layers(model, onnx, numpy_helper)
+    # a model that parses as protobuf but whose tensors or attributes do not make sense (a
+    # raw_data length that does not fit the dims, an attribute of the wrong type): bad input
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise DataError(
+            f"{path}: a damaged ONNX model ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+
+
+def _layers(model: Any, onnx: Any, numpy_helper: Any) -> list[NormLayer]:
+    """The normalization layers of a loaded ONNX ``model`` (see :func:`read_onnx`)."""
+    try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:
         inferred = model

@@ -136,7 +136,14 @@ def _input_shape(args: argparse.Namespace, target: Any) -> tuple[tuple[int, ...]
     if given is not None:
         return given, False
     if target.input_shape is not None:
-        return tuple(target.input_shape), False
+        shape = tuple(target.input_shape)
+        if math.prod(shape) > MAX_SAMPLE_VALUES:
+            raise ConfigError(
+                f"{target.description}: it records an input shape {shape}, {math.prod(shape)} "
+                f"values per sample, more than the {MAX_SAMPLE_VALUES} this tool allocates; "
+                "pass --input-shape C,H,W"
+            )
+        return shape, False
     if target.model is not None:
         return _guess_shape(target.model), True
     return None, True
@@ -296,6 +303,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: list[str]) -
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from normlab.bn.diagnose import Report
+    from normlab.bn.scan import UnsafeFileError
 
     specs = list(args.target)
     if len(specs) > 1 and getattr(args, "weights", None):
@@ -303,8 +311,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             "doctor: --weights loads one file into a module:callable TARGET; for one model per "
             "rank pass the per-rank files as TARGETs (with --arch if they are bare state_dicts)"
         )
-    target = _load(args, specs[0])
+    try:
+        target = _load(args, specs[0])
+    except UnsafeFileError as exc:
+        return _print_report(args, _unsafe_report(exc, specs[0]))
     report = _doctor_one(args, target, specs[0])
+    if target.unsafe:
+        report.notes.append(
+            f"loaded despite {len(target.unsafe)} unsafe item(s) because --unsafe-load was "
+            f"given ({', '.join(sorted({i.id for i in target.unsafe}))}; the first: "
+            f"{target.unsafe[0].message} at {target.unsafe[0].location})"
+        )
     ranks: Report | None = None
     if len(specs) > 1:
         ranks = _rank_targets(args, target, specs)
@@ -315,11 +332,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         report.findings.extend(ranks.findings)
         report.checks.append("ranks")
         report.notes.extend(ranks.notes)
+    return _print_report(args, report)
+
+
+def _print_report(args: argparse.Namespace, report: Any) -> int:
     if args.json:
         print(report.to_json(), end="")
     else:
         print(report.format_text(), end="")
-    return report.exit_code
+    return int(report.exit_code)
+
+
+def _unsafe_report(exc: Any, spec: str) -> Any:
+    """The doctor's report on a file refused for unsafe content: the doctor's file checks
+    (:mod:`normlab.bn.file_checks`) on the items the loader's scan found, nothing loaded, and
+    a line on stderr saying the model itself was not checked."""
+    import sys
+
+    from normlab.bn.diagnose import Report
+    from normlab.bn.file_checks import items_finding
+
+    by_id: dict[str, list[Any]] = {}
+    for item in exc.items:
+        by_id.setdefault(item.id, []).append(item)
+    findings = [items_finding(fid, items) for fid, items in by_id.items()]
+    print(
+        f"normlab doctor: {exc.path} was not loaded (it holds content that would run code); its "
+        "normalization layers were not checked. Pass --unsafe-load to load it if you trust it.",
+        file=sys.stderr,
+    )
+    return Report(findings, target=f"{spec} (not loaded)", checks=["file-scan"])
 
 
 def _rank_targets(args: argparse.Namespace, first: Any, specs: list[str]) -> Any:
@@ -506,6 +548,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
 def _default_out(target: Any) -> Path:
     if target.kind == "run":
         return Path(target.spec) / "checkpoint-recalibrated.pt"
+    if target.path is not None and target.path.suffix.lower() == ".json":  # a sharded index
+        return target.path.with_name(f"{target.path.name.split('.')[0]}-recalibrated.pt")
     if target.path is not None:
         return target.path.with_name(
             f"{target.path.stem}-recalibrated{target.path.suffix or '.pt'}"

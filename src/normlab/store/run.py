@@ -214,9 +214,13 @@ class RunDir:
         if not self.summary_path.is_file():
             return None
         try:
-            data: dict[str, Any] = json.loads(self.summary_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+            data = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise NormlabError(f"{self.summary_path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise NormlabError(
+                f"{self.summary_path}: holds a JSON {type(data).__name__}, not an object"
+            )
         return data
 
     # -- per-image validation predictions ----------------------------------------------------
