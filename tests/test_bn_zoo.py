@@ -17,6 +17,7 @@ import _zoo
 import pytest
 import torch
 
+from normlab.bn.diagnose import diagnose
 from normlab.bn.export import export_onnx
 
 torch.set_num_threads(1)
@@ -85,3 +86,23 @@ def test_zoo_fold_is_exact_or_refused_with_and_without_an_example(
         # the folded model, already proven equal to the original above, is what is exported
         res = export_onnx(seen["result"].model, entry.example(), tmp_path / "m.onnx", fold=False)
         assert res.max_abs_error <= 1e-4 * max(1.0, res.output_scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.id)
+def test_zoo_doctor_is_clean_on_calibrated_models_and_flags_uncalibrated_copies(
+    entry: _zoo.ZooEntry,
+) -> None:
+    """Issue 13, item 7: on every zoo model with populated statistics the doctor raises no
+    error; on the copy whose statistics are a fresh model's it reports them never updated
+    (``bn-stats-initial``, an error) — and on the no-BN controls there is nothing to flag."""
+    model = _zoo.build(entry)
+    report = diagnose(model)
+    errors = [(f.id, f.layer) for f in report.findings if f.severity == "error"]
+    assert not errors and report.exit_code < 2, errors
+    copy = diagnose(_zoo.uncalibrated(model))
+    flagged = {f.layer for f in copy.findings if f.id == "bn-stats-initial"}
+    if _zoo.bn_count(model):
+        assert copy.exit_code == 2 and flagged, sorted({f.id for f in copy.findings})
+    else:
+        assert not flagged and copy.exit_code < 2
