@@ -39,8 +39,8 @@ MODEL_CASES = [
 SHAPES = {"mlp": (4, 3, 8, 8)}
 
 
-@pytest.mark.parametrize(("name", "placement"), MODEL_CASES)
-def test_fold_equivalence_every_normlab_model(name: str, placement: str) -> None:
+def _settled_model(name: str, placement: str) -> tuple[nn.Module, torch.Tensor]:
+    """A small normlab model with realistic BN statistics, and an input for it."""
     kwargs = {"input_size": 8} if name in ("mlp", "mobilenetv2", "resnet18", "resnet50") else {}
     if name == "mobilenetv2":
         kwargs["alpha"] = 0.35
@@ -48,6 +48,12 @@ def test_fold_equivalence_every_normlab_model(name: str, placement: str) -> None
     model = build_model(name, 5, placement=placement, **kwargs)
     x = torch.randn(*SHAPES.get(name, (2, 3, 8, 8)))
     settle(model, x)
+    return model, x
+
+
+@pytest.mark.parametrize(("name", "placement"), MODEL_CASES)
+def test_fold_equivalence_every_normlab_model(name: str, placement: str) -> None:
+    model, x = _settled_model(name, placement)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = fold_batchnorm_report(model, x)
     assert rel_error(result) < 1e-5, (result.max_abs_error, result.output_scale)
@@ -403,13 +409,7 @@ def test_linear_on_flattened_features_folds_without_an_example() -> None:
 
 @pytest.mark.parametrize(("name", "placement"), MODEL_CASES)
 def test_fold_without_example_is_exact_on_every_normlab_model(name: str, placement: str) -> None:
-    kwargs = {"input_size": 8} if name in ("mlp", "mobilenetv2", "resnet18", "resnet50") else {}
-    if name == "mobilenetv2":
-        kwargs["alpha"] = 0.35
-    torch.manual_seed(0)
-    model = build_model(name, 5, placement=placement, **kwargs)
-    x = torch.randn(*SHAPES.get(name, (2, 3, 8, 8)))
-    settle(model, x)
+    model, x = _settled_model(name, placement)
     blind = fold_batchnorm_report(model)
     seen = fold_batchnorm_report(model, x)
     assert_same_outputs(model, blind.model, x, torch.randn(x.shape))
