@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def epoch(n: int) -> Callable[[list[Row]], Row]:
 
 def _natural(name: str) -> tuple[tuple[int, str], ...]:
     """Module order of dotted layer names: ``features.2`` before ``features.10``."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.]", name))
+    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in name.split("."))
 
 
 def layer_thirds(row: Row, prefix: str) -> tuple[float, float]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from matplotlib.figure import Figure
-
 from normlab.report.analysis import TESTED, Analysis
 from normlab.report.stats import Comparison, paired_t_ci
 from normlab.study.spec import Budget, rung_group
@@ -85,9 +83,11 @@ class Ladder:
         first = self.rungs[0].comparison.diff
         if lo <= 0 <= hi:
             return out + f"; {size} {interval}: no detectable change in size."
-        toward_zero = (ch.diff < 0) == (first > 0)
-        word = "shrinks" if toward_zero and abs(ch.diff) <= abs(first) else "grows"
-        if toward_zero and abs(ch.diff) > abs(first):
+        if (ch.diff < 0) != (first > 0):
+            word = "grows"  # the change points away from zero
+        elif abs(ch.diff) <= abs(first):
+            word = "shrinks"
+        else:
             word = "moves past zero"
         return out + f"; {size} {interval}: it {word} as the budget grows."
 
@@ -174,51 +174,7 @@ def ladder_table(items: list[Ladder]) -> tuple[list[str], list[list[str]]]:
                 if not math.isfinite(lo)
                 else f" [{unit.amount(lo, True)}, {unit.amount(hi, True)}]"
             )
-            mark = {1: " claimed", -1: " claimed", 0: ""}[r.claim]
+            mark = " claimed" if r.claim else ""
             cells.append(f"{r.budget.name}: {unit.amount(c.diff, True)}{ci}{mark}")
         rows.append([lad.label, "; ".join(cells), lad.trend])
     return headers, rows
-
-
-def ladder_figures(items: list[Ladder]) -> list[tuple[str, Figure]]:
-    """One figure per declared group: each comparison's effect (with its paired 95%
-    t-interval) at each rung, in ladder order (labelled with the training images seen,
-    relative to the arm's own budget); filled markers where claimed."""
-    groups: dict[str | None, list[Ladder]] = {}
-    for lad in items:
-        groups.setdefault(lad.group, []).append(lad)
-    out = []
-    for group, lads in groups.items():
-        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-        ax = fig.subplots()
-        unit = lads[0].rungs[0].comparison.unit
-        for i, lad in enumerate(lads):
-            color = _COLORS[i % len(_COLORS)]
-            xs = [k + 0.06 * (i - (len(lads) - 1) / 2) for k in range(len(lad.rungs))]
-            ys = [unit.scale * r.comparison.diff for r in lad.rungs]
-            lo = [unit.scale * r.comparison.t_ci[0] for r in lad.rungs]
-            hi = [unit.scale * r.comparison.t_ci[1] for r in lad.rungs]
-            err = [
-                [y - a if math.isfinite(a) else 0.0 for y, a in zip(ys, lo, strict=True)],
-                [b - y if math.isfinite(b) else 0.0 for y, b in zip(ys, hi, strict=True)],
-            ]
-            ax.errorbar(
-                xs, ys, yerr=err, color=color, capsize=3, label=f"{lad.variant} − {lad.reference}"
-            )
-            for x, y, r in zip(xs, ys, lad.rungs, strict=True):
-                ax.plot([x], [y], "o", color=color, mfc=color if r.claim else "white")
-        rungs = lads[0].rungs
-        ax.set_xticks(
-            range(len(rungs)), [f"{r.budget.name}\n{r.budget.scale:g}x images" for r in rungs]
-        )
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xlabel("budget rung")
-        ax.set_ylabel(f"difference ({unit.name or 'metric units'})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title("effect vs budget (filled: claimed under the family-wise rule)")
-        out.append(((f"{group}: " if group else "") + "effect along the budget ladder", fig))
-    return out
-
-
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")

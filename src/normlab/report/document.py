@@ -11,11 +11,12 @@ from typing import Any
 from normlab.config import config_to_dict
 from normlab.data import SPLIT_SEED_RUN
 from normlab.report.analysis import Analysis, analyze
-from normlab.report.budgets import Ladder, ladder_figures, ladders
+from normlab.report.budgets import Ladder, ladders
 from normlab.report.data import StudyData
 from normlab.report.family import N_RESAMPLES as FAMILY_RESAMPLES
 from normlab.report.figures import (
     across_groups,
+    ladder_figures,
     learning_curves,
     mechanism_figures,
     paired_seeds,

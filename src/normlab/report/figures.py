@@ -4,6 +4,8 @@
   seeds as a line and the min-max range over seeds as a band.
 * :func:`paired_seeds`: each seed's accuracy per variant, the seeds joined by lines (the
   pairing the comparisons use), the mean as a black tick.
+* :func:`ladder_figures`: each comparison's effect with its interval at every rung of a budget
+  ladder (:mod:`normlab.report.budgets`), filled where claimed.
 * :func:`mechanism_figures`: whatever :func:`normlab.probes.plots.probe_figures` draws from
   the runs' probe metrics (an empty list when that module or the metrics are absent).
 """
@@ -21,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from normlab.report.analysis import METRICS, Analysis
+from normlab.report.budgets import Ladder
 from normlab.report.data import RunRecord, StudyData
 
 PANELS = (
@@ -213,3 +216,44 @@ __all__ = [
     "to_png",
     "variant_colors",
 ]
+
+
+def ladder_figures(items: list[Ladder]) -> list[tuple[str, Figure]]:
+    """One figure per declared group: each comparison's effect (with its paired 95%
+    t-interval) at each rung, in ladder order (labelled with the training images seen,
+    relative to the arm's own budget); filled markers where claimed."""
+    groups: dict[str | None, list[Ladder]] = {}
+    for lad in items:
+        groups.setdefault(lad.group, []).append(lad)
+    out = []
+    for group, lads in groups.items():
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.subplots()
+        unit = lads[0].rungs[0].comparison.unit
+        for i, lad in enumerate(lads):
+            color = _COLORS[i % len(_COLORS)]
+            xs = [k + 0.06 * (i - (len(lads) - 1) / 2) for k in range(len(lad.rungs))]
+            ys = [unit.scale * r.comparison.diff for r in lad.rungs]
+            lo = [unit.scale * r.comparison.t_ci[0] for r in lad.rungs]
+            hi = [unit.scale * r.comparison.t_ci[1] for r in lad.rungs]
+            err = [
+                [y - a if math.isfinite(a) else 0.0 for y, a in zip(ys, lo, strict=True)],
+                [b - y if math.isfinite(b) else 0.0 for y, b in zip(ys, hi, strict=True)],
+            ]
+            ax.errorbar(
+                xs, ys, yerr=err, color=color, capsize=3, label=f"{lad.variant} − {lad.reference}"
+            )
+            for x, y, r in zip(xs, ys, lad.rungs, strict=True):
+                ax.plot([x], [y], "o", color=color, mfc=color if r.claim else "white")
+        rungs = lads[0].rungs
+        ax.set_xticks(
+            range(len(rungs)), [f"{r.budget.name}\n{r.budget.scale:g}x images" for r in rungs]
+        )
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xlabel("budget rung")
+        ax.set_ylabel(f"difference ({unit.name or 'metric units'})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title("effect vs budget (filled: claimed under the family-wise rule)")
+        out.append(((f"{group}: " if group else "") + "effect along the budget ladder", fig))
+    return out

@@ -645,10 +645,7 @@ def two_way_bootstrap_ci(
     resample: the same policy as the seed-only intervals; :func:`with_images` says why). Numpy,
     vectorised, seeded by ``seed``.
     """
-    rows = [
-        np.asarray(v, dtype=np.float64).reshape(-1) - np.asarray(b, dtype=np.float64).reshape(-1)
-        for v, b in zip(variant, baseline, strict=True)
-    ]
+    rows = _differences(variant, baseline)
     n = len(rows)
     nan = float("nan")
     if n < 2 or any(r.size == 0 for r in rows):
@@ -659,6 +656,14 @@ def two_way_bootstrap_ci(
     alpha = 1 - confidence
     low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def _differences(variant: Sequence[Any], baseline: Sequence[Any]) -> list[np.ndarray]:
+    """Each seed's per-image differences ``variant - baseline``, as flat float64 arrays."""
+    return [
+        np.asarray(v, dtype=np.float64).reshape(-1) - np.asarray(b, dtype=np.float64).reshape(-1)
+        for v, b in zip(variant, baseline, strict=True)
+    ]
 
 
 def _constant(rows: list[np.ndarray]) -> bool:
@@ -754,11 +759,7 @@ def with_images(
         seed=seed,
     )
     if not math.isfinite(ci[0]):
-        diffs = [
-            np.asarray(v, dtype=np.float64).reshape(-1)
-            - np.asarray(b, dtype=np.float64).reshape(-1)
-            for v, b in zip(variant_rows, baseline_rows, strict=True)
-        ]
+        diffs = _differences(variant_rows, baseline_rows)
         if all(d.size for d in diffs) and _constant(diffs):
             return replace(c, images_design=design, images_note=CONSTANT_IMAGES_NOTE)
     return replace(c, images_ci=ci, images_design=design)

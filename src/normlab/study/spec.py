@@ -217,14 +217,15 @@ class StudySpec:
         """A run group's declared group and budget rung (``"bs8@x4"`` -> ``("bs8", x4)``)."""
         if not self.budgets or name is None:
             return name, None
-        group, sep, rung = name.rpartition(RUNG_SEP)
-        if not self.groups:
+        if self.groups:
+            group, sep, rung = name.rpartition(RUNG_SEP)
+            if not sep:
+                raise ConfigError(
+                    f"study '{self.name}' runs its groups per budget rung: a group name is "
+                    f"GROUP{RUNG_SEP}RUNG, got '{name}'"
+                )
+        else:  # without declared groups, the rungs are the groups
             group, rung = "", name
-        elif not sep:
-            raise ConfigError(
-                f"study '{self.name}' runs its groups per budget rung: a group name is "
-                f"GROUP{RUNG_SEP}RUNG, got '{name}'"
-            )
         for b in self.budgets:
             if b.name == rung:
                 return group or None, b
