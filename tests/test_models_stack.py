@@ -357,22 +357,16 @@ def test_models_with_different_layer_types_are_refused_naming_the_layer() -> Non
         stack_models(models)
 
 
-def test_same_tensors_but_different_hyperparameters_fail_verification() -> None:
-    # gn and ln are both GroupNorm with the same tensors; the stacked module uses copy 0's
-    # num_groups, which is wrong for copy 1, and the float64 check must see it
+def test_same_tensors_but_different_hyperparameters_are_refused() -> None:
+    # gn and ln are both GroupNorm with the same tensors; a stacked module with copy 0's
+    # num_groups would be wrong for copy 1: the settings comparison names it
     models = [_build(0, "resnet20", norm="gn", gn_groups=4), _build(1, "resnet20", norm="ln")]
-    stacked = stack_models(models)
-    with pytest.raises(StackError, match="do not compute what the models compute"):
-        verify_stacked(stacked, models, torch.zeros(2, 3, SIZE, SIZE))
+    with pytest.raises(
+        StackError, match=r"bn1 \(GroupNorm\): the copies' settings differ \(num_groups\)"
+    ):
+        stack_models(models)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="stack.py bug: models with the same state_dict keys but different widths or "
-    "num_classes end in a bare RuntimeError (torch.cat in _widened/StackedLinear, or a view "
-    "in StackedLinear.forward during verify_stacked), not a StackError",
-)
 def test_models_with_different_shapes_are_refused_with_a_stack_error() -> None:
     a = _build(0, "mlp", hidden=(8,))
     widths = _build(1, "mlp", hidden=(16,))
@@ -413,13 +407,6 @@ def test_stacked_dropout_draws_a_mask_per_copy_and_is_off_in_eval() -> None:
     assert torch.equal(drop.eval()(x), x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # DID NOT RAISE
-    reason="stack.py bug: copies with different dropout rates stack and verify (verification "
-    "runs with Dropout off and the stacked module keeps copy 0's Dropout), so copy 1 would "
-    "train with copy 0's rate",
-)
 def test_copies_with_different_dropout_rates_are_refused() -> None:
     models = [
         _build(0, "mlp", norm="bn", hidden=(16,), dropout=0.0),
@@ -460,14 +447,6 @@ def test_verify_stacked_leaves_resnet_running_stats_untouched() -> None:
         assert x.training
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="stack.py bug: parameter-free layers (ReLU, Dropout, ShortcutA) are reused, not "
-    "copied, so the stacked module shares module objects with models[0]: stacked.eval() turns "
-    "off models[0]'s Dropout although models[0] is in training mode (the docstring says the "
-    "result shares nothing with the models)",
-)
 def test_switching_the_stacked_module_to_eval_leaves_the_models_alone() -> None:
     models = [_build(s, "mlp", norm="bn", hidden=(16,), dropout=0.5) for s in range(2)]
     stacked = stack_models([m.train() for m in models])
@@ -475,13 +454,6 @@ def test_switching_the_stacked_module_to_eval_leaves_the_models_alone() -> None:
     assert all(m.training for model in models for m in model.modules())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="stack.py bug: containers and widened layers are copy.copy'd, so their hook "
-    "dicts (_forward_hooks, ...) are the same objects as models[0]'s: a hook registered on "
-    "the stacked module also fires on models[0]",
-)
 def test_a_hook_on_the_stacked_module_does_not_fire_on_the_models() -> None:
     models = _models("mlp-bn")
     stacked = stack_models(models)

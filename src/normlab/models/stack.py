@@ -109,7 +109,7 @@ class StackedShortcutA(nn.Module):
 
     def __init__(self, layer: ShortcutA, copies: int) -> None:
         super().__init__()
-        self.layer, self.copies = layer, copies
+        self.layer, self.copies = _fresh(layer), copies
 
     def forward(self, x: Tensor) -> Tensor:
         s, k = self.layer.stride, self.copies
@@ -121,13 +121,44 @@ class StackedShortcutA(nn.Module):
         return x.reshape(n, -1, h, w)
 
 
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _fresh(layer: nn.Module) -> nn.Module:
+    """A shallow copy of ``layer`` that shares no mutable state with it: its dicts and sets are
+    copied and its forward/backward hooks dropped (they were registered for the original)."""
+    new = copy.copy(layer)
+    for name, value in list(vars(new).items()):
+        if isinstance(value, dict | set | list):
+            setattr(new, name, copy.copy(value))
+    for name in _HOOKS:
+        if isinstance(getattr(new, name, None), dict):
+            getattr(new, name).clear()
+    return new
+
+
+def _settings(layer: nn.Module) -> dict[str, object]:
+    """A layer's own non-tensor settings (kernel size, stride, dropout rate, ...)."""
+    return {
+        name: value
+        for name, value in vars(layer).items()
+        if not name.startswith("_") and name != "training" and not isinstance(value, Tensor)
+    }
+
+
 def _widened(layers: Sequence[nn.Module], scale: Sequence[str]) -> nn.Module:
-    """A shallow copy of ``layers[0]`` with the attributes ``scale`` multiplied by K and every
-    own parameter/buffer replaced by the copies' concatenation on dim 0."""
+    """A copy of ``layers[0]`` with the attributes ``scale`` multiplied by K and every own
+    parameter/buffer replaced by the copies' concatenation on dim 0."""
     k = len(layers)
-    wide = copy.copy(layers[0])
-    wide._parameters = dict(wide._parameters)
-    wide._buffers = dict(wide._buffers)
+    wide = _fresh(layers[0])
     for attr in scale:
         setattr(wide, attr, getattr(wide, attr) * k)
     for name, p in layers[0]._parameters.items():
@@ -197,13 +228,21 @@ def _stack(layers: Sequence[nn.Module], path: str) -> nn.Module:
     where = path or "the model"
     if any(type(m) is not type(first) for m in layers):
         raise StackError(f"{where}: the copies have different layer types")
+    settings = _settings(first)
+    for m in layers[1:]:
+        if _settings(m) != settings:
+            differ = sorted(k for k in settings if _settings(m).get(k) != settings[k])
+            raise StackError(
+                f"{where} ({type(first).__name__}): the copies' settings differ "
+                f"({', '.join(differ) or 'their attributes'})"
+            )
     rule = _RULES.get(type(first))
     if rule is not None:
         return rule(layers)
     if isinstance(first, nn.Flatten) and (first.start_dim, first.end_dim) != (1, -1):
         raise StackError(f"{where}: Flatten({first.start_dim}, {first.end_dim}) mixes the copies")
     if type(first) in _SHARED:
-        return first
+        return _fresh(first)
     if first._parameters or any(b is not None for b in first._buffers.values()):
         raise StackError(
             f"{where} ({type(first).__name__}) holds parameters or buffers and has no stacked "
@@ -214,7 +253,7 @@ def _stack(layers: Sequence[nn.Module], path: str) -> nn.Module:
             f"{where} ({type(first).__name__}) is a layer without a stacked rule; train these "
             "seeds one at a time"
         )
-    wide = copy.copy(first)
+    wide = _fresh(first)
     wide._modules = {}
     for name, child in first._modules.items():
         if child is None:
@@ -236,9 +275,17 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     """
     if len(models) < 1:
         raise StackError("nothing to stack")
-    keys = [list(dict(m.state_dict()).keys()) for m in models]
-    if any(k != keys[0] for k in keys):
-        raise StackError("the models to stack do not have the same parameters and buffers")
+    shapes = [[(n, tuple(t.shape)) for n, t in m.state_dict().items()] for m in models]
+    for other in shapes[1:]:
+        if other != shapes[0]:
+            names = [n for n, _ in shapes[0]]
+            if [n for n, _ in other] != names:
+                raise StackError("the models to stack do not have the same parameters and buffers")
+            diff = next(a for a, b in zip(shapes[0], other, strict=True) if a != b)
+            raise StackError(
+                f"the models to stack differ in shape at {diff[0]} "
+                f"({diff[1]} vs {dict(other)[diff[0]]})"
+            )
     wide = _stack(list(models), "")
     wide.train(models[0].training)
     return wide

@@ -67,6 +67,19 @@ class RunTask:
     loggers: tuple[str, ...] = ()  # normlab.engine.loggers specs (the study's ``log``)
     study: str = ""  # the study's name and directory (the loggers' tags and MLflow store)
     study_dir: str = ""
+    members: tuple[RunTask, ...] = ()  # a stacked task: these runs train together
+
+    def run_keys(self) -> list[str]:
+        """The runs this task trains (its own key, or its members' for a stacked task)."""
+        return [m.key for m in self.members] if self.members else [self.key]
+
+
+def stacked_task(tasks: Sequence[RunTask]) -> RunTask:
+    """One task that trains ``tasks`` (seeds of one configuration) stacked
+    (:func:`normlab.train.stacked.fit_stacked`); it runs them one at a time when they cannot be
+    stacked, and says why in their logs."""
+    first = tasks[0]
+    return dataclasses.replace(first, key="+".join(t.key for t in tasks), members=tuple(tasks))
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class Hooks(Protocol):
 
 class Executor(Protocol):
     name: str
+    stacks: bool  # whether it trains stacked tasks (else each run is its own task)
 
     def threads_per_run(self, n_tasks: int) -> int: ...
 
@@ -153,6 +167,81 @@ def _output_to(path: Path) -> Iterator[None]:
         yield
 
 
+def execute_task(task: RunTask, events: Any = None) -> list[RunOutcome]:
+    """:func:`execute_run` for a plain task, :func:`execute_stacked` for a stacked one."""
+    if task.members:
+        return execute_stacked(task, events)
+    return [execute_run(task, events)]
+
+
+def _with_threads(task: RunTask) -> TrainConfig:
+    config = task.config
+    changes: dict[str, Any] = {"progress": "off"}
+    if config.runtime.threads is None and task.threads:
+        changes["threads"] = task.threads
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **changes))
+
+
+def execute_stacked(task: RunTask, events: Any = None) -> list[RunOutcome]:
+    """Train a stacked task's members together; never raises for a failed run. Output goes to
+    the first member's ``train.log`` (the others' logs say so). Members that cannot be stacked
+    (the reason is printed) run one after another with :func:`execute_run`."""
+    from normlab.train.stacked import fit_stacked, stackable
+
+    members = list(task.members)
+    configs = [_with_threads(m) for m in members]
+    why = stackable(configs)
+    if why is not None or any(m.devices > 1 for m in members):
+        return _one_at_a_time(members, why or "multi-process runs", events)
+    dirs = [Path(m.run_dir) for m in members]
+    log = dirs[0] / RUN_LOG
+    try:
+        with contextlib.ExitStack() as held:
+            for d in dirs:
+                held.enter_context(_run_lock(d))
+            for m, d in zip(members[1:], dirs[1:], strict=True):
+                with open(d / RUN_LOG, "a", encoding="utf-8") as fh:
+                    fh.write(
+                        f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {m.key} trains "
+                        f"stacked with {', '.join(x.key for x in members)}; see {log}\n"
+                    )
+            held.enter_context(_output_to(log))
+            print(
+                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: stacked "
+                f"{', '.join(m.key for m in members)}"
+            )
+            callbacks = [[_info_callback(m, events), *_loggers(m)] for m in members]
+            results = fit_stacked(configs, dirs, callbacks=callbacks, verbose=True)
+    except ConfigError as exc:
+        return _one_at_a_time(members, str(exc), events)
+    except KeyboardInterrupt:
+        return [
+            RunOutcome(m.key, "interrupted", "interrupted (KeyboardInterrupt)") for m in members
+        ]
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        return [
+            RunOutcome(m.key, "failed", reason, RunDir(d).read_summary() or {})
+            for m, d in zip(members, dirs, strict=True)
+        ]
+    return [
+        RunOutcome(m.key, r.status, failure_reason(r.summary), RunDir(d).read_summary() or {})
+        for m, r, d in zip(members, results, dirs, strict=True)
+    ]
+
+
+def _one_at_a_time(members: Sequence[RunTask], why: str, events: Any) -> list[RunOutcome]:
+    outcomes = []
+    for m in members:
+        Path(m.run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(m.run_dir) / RUN_LOG, "a", encoding="utf-8") as fh:
+            fh.write(f"--- not stacked ({why}): trained on its own\n")
+        outcomes.append(execute_run(m, events))
+        if outcomes[-1].status == "interrupted":
+            break
+    return outcomes
+
+
 def execute_run(task: RunTask, events: Any = None) -> RunOutcome:
     """Train (or resume) one run; never raises for a failed run, returns its outcome.
 
@@ -161,12 +250,7 @@ def execute_run(task: RunTask, events: Any = None) -> RunOutcome:
     to ``<run_dir>/study_run.json``.
     """
     run_dir = Path(task.run_dir)
-    config = task.config
-    changes: dict[str, Any] = {"progress": "off"}
-    if config.runtime.threads is None and task.threads:
-        changes["threads"] = task.threads
-    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **changes))
-
+    config = _with_threads(task)
     status, reason = "failed", None
     try:
         with _run_lock(run_dir), _output_to(run_dir / RUN_LOG):
@@ -185,7 +269,15 @@ def execute_run(task: RunTask, events: Any = None) -> RunOutcome:
 
 
 def _fit(task: RunTask, config: TrainConfig, events: Any) -> Any:
-    from normlab.train import Callback, fit
+    from normlab.train import fit
+
+    callbacks = [_info_callback(task, events), *_loggers(task)]
+    return fit(config, out=task.run_dir, resume=True, callbacks=callbacks, verbose=True)
+
+
+def _info_callback(task: RunTask, events: Any) -> Any:
+    """Writes the run's ``study_run.json`` and reports its start when training begins."""
+    from normlab.train import Callback
 
     run_dir = Path(task.run_dir)
 
@@ -202,7 +294,7 @@ def _fit(task: RunTask, config: TrainConfig, events: Any) -> Any:
             if events is not None:
                 events.put(("start", task.key))
 
-    return fit(config, out=run_dir, resume=True, callbacks=[_Info(), *_loggers(task)], verbose=True)
+    return _Info()
 
 
 def _loggers(task: RunTask) -> list[Any]:
@@ -311,6 +403,7 @@ class SerialExecutor:
     a debugger or profiler sees the training code. Each run gets all cores' threads."""
 
     name = "serial"
+    stacks = True  # trains stacked tasks (RunTask.members)
 
     def __init__(self, jobs: int | None = None, **_: Any) -> None:
         if jobs not in (None, 1):
@@ -325,10 +418,12 @@ class SerialExecutor:
         threads = torch.get_num_threads()
         try:
             for task in tasks:
-                hooks.on_start(task.key)
-                outcome = execute_run(task)
-                hooks.on_finish(outcome)
-                if outcome.status == "interrupted":
+                for key in task.run_keys():
+                    hooks.on_start(key)
+                outcomes = execute_task(task)
+                for outcome in outcomes:
+                    hooks.on_finish(outcome)
+                if any(o.status == "interrupted" for o in outcomes):
                     raise KeyboardInterrupt
                 hooks.on_tick()
         finally:
@@ -385,8 +480,8 @@ def _worker_init(events: Any, parent: int, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(task: RunTask) -> RunOutcome:
-    return execute_run(task, _EVENTS)
+def _worker_run(task: RunTask) -> list[RunOutcome]:
+    return execute_task(task, _EVENTS)
 
 
 class LocalExecutor:
@@ -395,6 +490,7 @@ class LocalExecutor:
     (``devices > 1``) run afterwards, one at a time, each using every core."""
 
     name = "local"
+    stacks = True
 
     def __init__(self, jobs: int | None = None, **_: Any) -> None:
         if jobs is not None and jobs < 1:
@@ -455,7 +551,7 @@ class LocalExecutor:
             initializer=_worker_init,
             initargs=(events, os.getpid(), threads),
         )
-        futures: dict[Future[RunOutcome], RunTask] = {}
+        futures: dict[Future[list[RunOutcome]], RunTask] = {}
         broken = False
         try:
             for t in tasks:
@@ -467,14 +563,16 @@ class LocalExecutor:
                 for fut in done:
                     task = futures[fut]
                     try:
-                        outcome = fut.result()
+                        outcomes = fut.result()
                     except BrokenProcessPool:
                         broken = True
                         continue
                     except Exception as exc:  # pickling errors and the like
-                        outcome = RunOutcome(task.key, "failed", f"{type(exc).__name__}: {exc}")
+                        reason = f"{type(exc).__name__}: {exc}"
+                        outcomes = [RunOutcome(k, "failed", reason) for k in task.run_keys()]
                     finished.add(task.key)
-                    hooks.on_finish(outcome)
+                    for outcome in outcomes:
+                        hooks.on_finish(outcome)
                 hooks.on_tick()
                 if broken:
                     break
@@ -495,16 +593,17 @@ class LocalExecutor:
         for key, task in by_key.items():
             if key in finished:
                 continue
-            if key in started:
+            if any(k in started for k in task.run_keys()):
                 finished.add(key)
-                hooks.on_finish(
-                    RunOutcome(
-                        key,
-                        "failed",
-                        "its worker process died (killed, out of memory or crashed); rerun the "
-                        "study to resume it",
+                for k in task.run_keys():
+                    hooks.on_finish(
+                        RunOutcome(
+                            k,
+                            "failed",
+                            "its worker process died (killed, out of memory or crashed); rerun "
+                            "the study to resume it",
+                        )
                     )
-                )
             else:
                 retry.append(task)
         return retry
@@ -562,6 +661,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    stacks = False  # each Ray task trains one run
 
     def __init__(self, jobs: int | None = None, address: str | None = None, **_: Any) -> None:
         if jobs is not None and jobs < 1:

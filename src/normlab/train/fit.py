@@ -15,8 +15,9 @@ Setup (:mod:`normlab.train.setup`), one epoch (:mod:`normlab.train.epoch`) and e
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,119 +81,201 @@ def fit(
     input before anything is written; a run that fails later is marked ``failed`` in its
     summary and the error re-raised; a NaN/Inf loss stops the run with status ``diverged``.
     """
-    dctx = context_from_env()
-    run, config, resuming = open_run(config, out, resume, dctx)
-    previous = run.read_summary() if resuming else None
-    if previous is not None and previous.get("status") in FINISHED:
-        return _finished_result(run, config, previous)
-    names = resolve_names(config)
-    if config.runtime.threads:
-        torch.set_num_threads(config.runtime.threads)
-    s = build_session(config, run, dctx, data)
-    config = s.config
-    verbose = verbose and dctx.is_main  # one voice in a multi-process job
-    log = print if verbose else (lambda *a, **k: None)
-    progress = start(s, resuming, log)
-    callbacks = [*names.probes, *callbacks]  # probes named in the config observe the run
-    history, best = progress.history, progress.best
-    kept = progress.predictions  # per-image predictions of the last and the best epoch
-    state = FitState(
-        config=config,
-        model=s.model,
-        optimizer=s.optimizer,
-        scheduler=s.scheduler,
-        data=s.data,
-        runtime=s.runtime,
-        run=run,
-        train_loader=s.train_loader,
-        val_loader=s.val_loader,
-        start_epoch=progress.start_epoch,
-        history=history,
-        dist=dctx,
-    )
-    train_model: nn.Module = wrap_ddp(s.model, s.runtime.device) if dctx.enabled else s.model
-    if config.runtime.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
-    t_start = time.perf_counter()
+    loop = RunLoop(config, out=out, resume=resume, callbacks=callbacks, data=data, verbose=verbose)
+    if loop.finished is not None:
+        return loop.finished
+    train_one(loop)
+    return loop.result()
 
-    def wall() -> float:
-        return progress.wall_before + time.perf_counter() - t_start
 
-    def write_summary(status: str, **extra: Any) -> dict[str, Any]:
-        summary = _summary(s, history, best, status, wall(), extra)
-        if dctx.is_main:
-            run.write_summary(summary)
-        return summary
-
-    if progress.start_epoch > 1:
-        log(f"resuming {run.path} at epoch {progress.start_epoch}/{config.epochs}")
-    if dctx.is_main and kept:  # as the checkpoint has them (a crash may have come between)
-        run.write_predictions(_predictions(s, progress.start_epoch - 1, best, kept))
-    log(_first_line(s))
-    status, summary = STATUS_RUNNING, write_summary(STATUS_RUNNING)
-    failed = True  # until the loop ends normally: decides how the process group is left
-    try:
-        for cb in callbacks:
-            cb.on_fit_start(state)
-        show_progress = verbose and progress_enabled(config.runtime.progress)
-        for epoch in range(progress.start_epoch, config.epochs + 1):
-            for cb in callbacks:
-                cb.on_epoch_start(state, epoch)
+def train_one(loop: RunLoop) -> None:
+    """Drive ``loop`` through its remaining epochs, one ``train_epoch`` each."""
+    with loop.running():
+        for epoch in loop.epochs():
+            loop.epoch_start(epoch)
             row, diverged_at = train_epoch(
-                state, train_model, s.l2, epoch, show_progress, callbacks
+                loop.state, loop.train_model, loop.s.l2, epoch, loop.show_progress, loop.callbacks
             )
             if diverged_at is not None:
-                status = STATUS_DIVERGED
-                summary = write_summary(status, diverged_at={"epoch": epoch, "step": diverged_at})
-                log(f"epoch {epoch}: loss is NaN/Inf at step {diverged_at}; run marked diverged")
+                loop.diverged(epoch, diverged_at)
                 break
-            t_eval = time.perf_counter()
-            if dctx.enabled and not config.sync_bn:
-                reconcile_batchnorm(s.model, config.dist_bn)
-            # the same forward pass gives the metrics and every image's predicted class
-            val = evaluate_with_predictions(s.model, s.val_loader, state.autocast())
-            row["val/loss"], row["val/acc"] = val.loss, val.acc
-            row["seconds"] = round(row["seconds"] + time.perf_counter() - t_eval, 4)
-            for cb in callbacks:
-                row.update(cb.on_epoch_end(state, epoch, row))
-            kept["final"] = val.predictions
-            if val.acc > best["acc"]:
-                best.update(acc=val.acc, epoch=epoch)
-                kept["best"] = val.predictions
-            if dctx.enabled and config.dist_bn == "none":
-                # Statistics stay per rank: keep every rank's, so `normlab doctor RUN` can
-                # show how far they disagree (the checkpoint holds rank 0's).
-                run.save_rank_buffers(s.model, dctx.rank)
-            if dctx.is_main:
-                # The row first, then the checkpoint: a crash between the two leaves a row the
-                # checkpoint does not cover, which resume trims and recomputes (never a gap).
-                run.append_metrics(row)
-                run.save_checkpoint(_checkpoint(s, epoch, best, wall(), kept))
-                run.write_predictions(_predictions(s, epoch, best, kept))
-            history.append(row)
-            summary = write_summary(STATUS_RUNNING)
-            log(_epoch_line(row, epoch, config.epochs))
+            loop.end_epoch(epoch, row)
         else:
-            status = STATUS_COMPLETED
-            summary = write_summary(status)
-        failed = False
-    except KeyboardInterrupt:
-        write_summary(STATUS_RUNNING, interrupted=True)
-        for cb in callbacks:
-            cb.on_fit_end(state, STATUS_RUNNING)
-        raise
-    except BaseException as exc:
-        write_summary(STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
-        for cb in callbacks:
-            cb.on_fit_end(state, STATUS_FAILED)
-        raise
-    finally:
-        if s.owns_group:
-            del train_model  # DDP holds the group: drop it before the group goes
-            shutdown_distributed(orderly=not failed)
-    for cb in callbacks:
-        cb.on_fit_end(state, status)
-    return RunResult(run.path, status, summary, history, s.model, config)
+            loop.complete()
+
+
+class RunLoop:
+    """One run's bookkeeping around its training epochs, for :func:`fit` (one run) and
+    :func:`normlab.train.stacked.fit_stacked` (several runs trained as one module).
+
+    Construction opens (or resumes) the run directory and builds the session; ``finished`` is
+    the result of a run that had already ended (nothing else is then built). Inside
+    :meth:`running`, the driver calls :meth:`epoch_start`, trains, then :meth:`end_epoch`
+    (evaluation, callbacks, metrics row, checkpoint, predictions, summary) or
+    :meth:`diverged`, and :meth:`complete` after the last epoch. :meth:`running` marks the run
+    failed or interrupted on an exception and calls the callbacks' ``on_fit_end``.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | None,
+        *,
+        out: str | Path | None,
+        resume: bool,
+        callbacks: Sequence[Callback],
+        data: DataBundle | None,
+        verbose: bool,
+    ) -> None:
+        self.dctx = dctx = context_from_env()
+        run, config, resuming = open_run(config, out, resume, dctx)
+        self.run = run
+        previous = run.read_summary() if resuming else None
+        self.finished: RunResult | None = None
+        if previous is not None and previous.get("status") in FINISHED:
+            self.finished = _finished_result(run, config, previous)
+            return
+        names = resolve_names(config)
+        if config.runtime.threads:
+            torch.set_num_threads(config.runtime.threads)
+        self.s = s = build_session(config, run, dctx, data)
+        self.config = config = s.config
+        self.verbose = verbose = verbose and dctx.is_main  # one voice in a multi-process job
+        self.progress = progress = start(s, resuming, self.log)
+        self.callbacks = [*names.probes, *callbacks]  # probes named in the config observe it
+        self.history, self.best = progress.history, progress.best
+        self.kept = progress.predictions  # per-image predictions of the last and best epoch
+        self.state = FitState(
+            config=config,
+            model=s.model,
+            optimizer=s.optimizer,
+            scheduler=s.scheduler,
+            data=s.data,
+            runtime=s.runtime,
+            run=run,
+            train_loader=s.train_loader,
+            val_loader=s.val_loader,
+            start_epoch=progress.start_epoch,
+            history=self.history,
+            dist=dctx,
+        )
+        train_model: nn.Module = wrap_ddp(s.model, s.runtime.device) if dctx.enabled else s.model
+        if config.runtime.compile:
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
+        self.train_model = train_model
+        self.show_progress = verbose and progress_enabled(config.runtime.progress)
+        self.status = STATUS_RUNNING
+        self.summary: dict[str, Any] = {}
+        self.extra_summary: dict[str, Any] = {}  # written into every summary (fit_stacked)
+        self._t_start = time.perf_counter()
+
+    def log(self, *args: Any) -> None:
+        if self.verbose:
+            print(*args)
+
+    def wall(self) -> float:
+        return self.progress.wall_before + time.perf_counter() - self._t_start
+
+    def write_summary(self, status: str, **extra: Any) -> dict[str, Any]:
+        summary = _summary(
+            self.s, self.history, self.best, status, self.wall(), {**self.extra_summary, **extra}
+        )
+        if self.dctx.is_main:
+            self.run.write_summary(summary)
+        return summary
+
+    def epochs(self) -> range:
+        return range(self.progress.start_epoch, self.config.epochs + 1)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Start the run (first line, summary, ``on_fit_start``); on leaving, record how it
+        ended and call ``on_fit_end`` (also after an error, which is re-raised)."""
+        progress, s = self.progress, self.s
+        if progress.start_epoch > 1:
+            self.log(
+                f"resuming {self.run.path} at epoch {progress.start_epoch}/{self.config.epochs}"
+            )
+        if (
+            self.dctx.is_main and self.kept
+        ):  # as the checkpoint has them (a crash may have come between)
+            self.run.write_predictions(
+                _predictions(s, progress.start_epoch - 1, self.best, self.kept)
+            )
+        self.log(_first_line(s))
+        self.summary = self.write_summary(STATUS_RUNNING)
+        failed = True  # until the loop ends normally: decides how the process group is left
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self.state)
+            yield
+            failed = False
+        except KeyboardInterrupt:
+            self.write_summary(STATUS_RUNNING, interrupted=True)
+            for cb in self.callbacks:
+                cb.on_fit_end(self.state, STATUS_RUNNING)
+            raise
+        except BaseException as exc:
+            self.write_summary(STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
+            for cb in self.callbacks:
+                cb.on_fit_end(self.state, STATUS_FAILED)
+            raise
+        finally:
+            if s.owns_group:
+                del self.train_model  # DDP holds the group: drop it before the group goes
+                shutdown_distributed(orderly=not failed)
+        for cb in self.callbacks:
+            cb.on_fit_end(self.state, self.status)
+
+    def epoch_start(self, epoch: int) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_start(self.state, epoch)
+
+    def diverged(self, epoch: int, step: int) -> None:
+        self.status = STATUS_DIVERGED
+        self.summary = self.write_summary(self.status, diverged_at={"epoch": epoch, "step": step})
+        self.log(f"epoch {epoch}: loss is NaN/Inf at step {step}; run marked diverged")
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Evaluate the trained epoch, let the callbacks add to its row, and write the row, the
+        checkpoint, the predictions and the summary."""
+        s, dctx, best, kept, run = self.s, self.dctx, self.best, self.kept, self.run
+        t_eval = time.perf_counter()
+        if dctx.enabled and not self.config.sync_bn:
+            reconcile_batchnorm(s.model, self.config.dist_bn)
+        # the same forward pass gives the metrics and every image's predicted class
+        val = evaluate_with_predictions(s.model, s.val_loader, self.state.autocast())
+        row["val/loss"], row["val/acc"] = val.loss, val.acc
+        row["seconds"] = round(row["seconds"] + time.perf_counter() - t_eval, 4)
+        for cb in self.callbacks:
+            row.update(cb.on_epoch_end(self.state, epoch, row))
+        kept["final"] = val.predictions
+        if val.acc > best["acc"]:
+            best.update(acc=val.acc, epoch=epoch)
+            kept["best"] = val.predictions
+        if dctx.enabled and self.config.dist_bn == "none":
+            # Statistics stay per rank: keep every rank's, so `normlab doctor RUN` can
+            # show how far they disagree (the checkpoint holds rank 0's).
+            run.save_rank_buffers(s.model, dctx.rank)
+        if dctx.is_main:
+            # The row first, then the checkpoint: a crash between the two leaves a row the
+            # checkpoint does not cover, which resume trims and recomputes (never a gap).
+            run.append_metrics(row)
+            run.save_checkpoint(_checkpoint(s, epoch, best, self.wall(), kept))
+            run.write_predictions(_predictions(s, epoch, best, kept))
+        self.history.append(row)
+        self.summary = self.write_summary(STATUS_RUNNING)
+        self.log(_epoch_line(row, epoch, self.config.epochs))
+
+    def complete(self) -> None:
+        self.status = STATUS_COMPLETED
+        self.summary = self.write_summary(self.status)
+
+    def result(self) -> RunResult:
+        if self.finished is not None:
+            return self.finished
+        return RunResult(
+            self.run.path, self.status, self.summary, self.history, self.s.model, self.config
+        )
 
 
 def _summary(
