@@ -109,7 +109,8 @@ class StackedShortcutA(nn.Module):
 
     def __init__(self, layer: ShortcutA, copies: int) -> None:
         super().__init__()
-        self.layer, self.copies = _fresh(layer), copies
+        self.layer: ShortcutA = _fresh(layer)  # type: ignore[assignment]
+        self.copies = copies
 
     def forward(self, x: Tensor) -> Tensor:
         s, k = self.layer.stride, self.copies
