@@ -11,11 +11,17 @@ checkpointed exactly as ``fit`` does; a stacked run's checkpoint is an ordinary 
 resumes with ``fit`` or ``fit_stacked``.
 
 What is and is not the same as ``fit``: each copy's loss, gradient and update are the same
-functions as the single run's, but grouped kernels sum in a different order, so the numbers
-agree to float32 rounding after one step and then drift apart as training amplifies rounding
-(as a different thread count does); ``benchmarks/small_batch.py`` measures how far final
-accuracies move. A stacked group is deterministic: rerun or resumed, it gives the same numbers.
-The summary of each run records ``stacked`` (the seeds it trained with).
+functions as the single run's (in float64 the gradients agree to about 1e-14), but grouped
+kernels sum in a different order. In float32 the parameters agree to rounding (~1e-6
+relative) after one step, while a single gradient tensor can differ by several percent where
+activations tie at a ReLU's kink (zero-padded crops make many equal values): exactly as much
+as the same model differs from itself between channels_last and NCHW, a choice ``fit`` makes
+per machine. Training then amplifies the differences, as it does for a different thread count
+or layout; ``benchmarks/small_batch.py`` measures how far final accuracies move. So stacked
+runs are not bit-identical to separate runs; the old path stays the default (``normlab study``
+stacks only with ``--stack-seeds``). A stacked group is deterministic: rerun or resumed, it
+gives the same numbers. The summary of each run records ``stacked`` (the seeds it trained
+with).
 
 Refused (:class:`~normlab.errors.ConfigError`, before anything is trained): configs that differ
 in more than the seed, batches above ``MAX_BATCH`` (where stacking stops paying:
@@ -47,9 +53,10 @@ from normlab.train.fit import RunLoop, RunResult, train_one
 
 __all__ = ["MAX_BATCH", "fit_stacked", "stackable", "unstack_into_one"]
 
-# Largest batch trained stacked: on the 2-core CPU, ResNet-20 at 16x16, stacking 6 seeds is
-# several times faster at batch 2, still faster at 8 and 32, and slower at 128.
-MAX_BATCH = 32
+# Largest batch trained stacked. benchmarks/small_batch.py, 2-core CPU, ResNet-20 at 16x16,
+# 6 seeds, training images/s stacked / separate: 2.5x at batch 2, 1.5x at 8, 0.8x at 32 and
+# 0.9x at 128 (there the arithmetic dominates and grouped convolutions are slower per FLOP).
+MAX_BATCH = 8
 
 
 def _without_seed(config: TrainConfig) -> dict[str, Any]:
@@ -157,7 +164,8 @@ class _Stack:
         except StackError as exc:
             raise ConfigError(f"these runs cannot train stacked: {exc}") from None
         dtype = next(models[0].parameters()).dtype
-        # grouped kernels run faster on NCHW than channels_last (benchmarks/small_batch.py)
+        # grouped convolutions ran faster in NCHW than channels_last here (6 copies of
+        # ResNet-20 at 16x16, one thread: 42 vs 62 ms per step at batch 2, 113 vs 121 at 8)
         self.model = (
             wide.to(loops[0].s.runtime.device, dtype)
             .to(memory_format=torch.contiguous_format)
