@@ -67,3 +67,9 @@ def test_the_ladder_specs_extend_the_findings_with_the_rungs_issue_15_asks_for()
     assert set(ladders["l2"].variant_names) == {"bn-only", "bn+l2"}
     assert ladders["l2"].arm_config("x4", "bn+l2").epochs == 32
     assert ladders["train-mode"].arm_config("x4", "keras-0.99").epochs == 16
+    assert set(ladders["train-mode"].variant_names) == {
+        "correct",
+        "stats-never-updated",
+        "keras-0.99",
+        "keras-0.999",
+    }

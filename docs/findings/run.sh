@@ -7,6 +7,7 @@
 #   bash docs/findings/run.sh                 # all eight studies
 #   bash docs/findings/run.sh placement l2    # some of them
 #   bash docs/findings/run.sh ladders/batch-size   # a budget ladder (specs/ladders/, issue 15)
+#   STUDY_ARGS=--stack-seeds bash docs/findings/run.sh ladders/batch-size   # seeds stacked at batch 8
 set -euo pipefail
 NORMLAB=${NORMLAB:-normlab}
 studies=("$@")
@@ -14,7 +15,8 @@ studies=("$@")
 for name in "${studies[@]}"; do
   out=studies/findings/$name
   start=$(date +%s)
-  $NORMLAB study "docs/findings/specs/$name.yaml" --out "$out" --quiet
+  # shellcheck disable=SC2086  # STUDY_ARGS: extra options, e.g. STUDY_ARGS=--stack-seeds
+  $NORMLAB study "docs/findings/specs/$name.yaml" --out "$out" --quiet ${STUDY_ARGS:-}
   end=$(date +%s)
   dest=docs/findings/$name
   rm -rf "$dest" && mkdir -p "$dest"
