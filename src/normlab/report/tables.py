@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from markupsafe import Markup, escape
 
@@ -134,11 +135,19 @@ def _adjusted(c: Comparison) -> str:
 
 
 def timing_table(analysis: Analysis) -> Table:
-    headers = ["arm", "wall time per run, s (mean ± sd)", "training images/s (mean)", "total s"]
+    """Per arm: wall time per run, training images/s per run, how the seeds were trained
+    (separately, or stacked: K seeds in one model, ``normlab.train.stacked``) and the arm's
+    total wall time, which counts a stacked group's shared time once."""
+    headers = [
+        "arm",
+        "wall time per run, s (mean ± sd)",
+        "training images/s per run (mean)",
+        "trained",
+        "total s",
+    ]
     rows = []
     for a in analysis.arms:
         w = a.wall_seconds
-        total = sum(float(r.summary.get("wall_seconds") or 0.0) for r in a.runs)
         rows.append(
             [
                 a.arm,
@@ -146,10 +155,40 @@ def timing_table(analysis: Analysis) -> Table:
                 if w.n == 0
                 else (fmt_num(w.mean, 1) + ("" if w.n < 2 else f" ± {fmt_num(w.sd, 1)}")),
                 fmt_num(a.images_per_s.mean, 0),
-                fmt_num(total, 1),
+                _trained(a.runs),
+                fmt_num(_total_wall(a.runs), 1),
             ]
         )
     return headers, rows
+
+
+def _stack_of(run: Any) -> tuple[int, ...] | None:
+    stacked = run.summary.get("stacked")
+    if isinstance(stacked, dict) and isinstance(stacked.get("seeds"), list):
+        return tuple(int(s) for s in stacked["seeds"])
+    return None
+
+
+def _trained(runs: Sequence[Any]) -> str:
+    groups = sorted({g for g in map(_stack_of, runs) if g is not None})
+    alone = sum(1 for r in runs if _stack_of(r) is None)
+    parts = [f"stacked: seeds {', '.join(map(str, g))}" for g in groups]
+    if alone:
+        parts.append(f"{alone} separately" if groups else "separately")
+    return "; ".join(parts) or "–"
+
+
+def _total_wall(runs: Sequence[Any]) -> float:
+    """Sum of the runs' wall times, a stacked group's (shared) time counted once."""
+    total, shared = 0.0, dict[tuple[int, ...], float]()
+    for r in runs:
+        seconds = float(r.summary.get("wall_seconds") or 0.0)
+        group = _stack_of(r)
+        if group is None:
+            total += seconds
+        else:
+            shared[group] = max(shared.get(group, 0.0), seconds)
+    return total + sum(shared.values())
 
 
 def problems_table(analysis: Analysis) -> Table:
