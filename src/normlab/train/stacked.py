@@ -53,9 +53,10 @@ from normlab.train.fit import RunLoop, RunResult, train_one
 
 __all__ = ["MAX_BATCH", "fit_stacked", "stackable", "unstack_into_one"]
 
-# Largest batch trained stacked. benchmarks/small_batch.py, 2-core CPU, ResNet-20 at 16x16,
-# 6 seeds, training images/s stacked / separate: 2.5x at batch 2, 1.5x at 8, 0.8x at 32 and
-# 0.9x at 128 (there the arithmetic dominates and grouped convolutions are slower per FLOP).
+# Largest batch trained stacked. benchmarks/small_batch.py (2-core AMD EPYC, one thread,
+# ResNet-20 at 16x16, 6 seeds, median of 3), training images/s stacked / separate: 2.55x at
+# batch 2, 1.55x at 8, 0.92x at 32 and 0.91x at 128 (there the arithmetic dominates, and a
+# grouped convolution is slower per FLOP than a plain one).
 MAX_BATCH = 8
 
 
