@@ -431,9 +431,10 @@ def run_study(
     ``jobs``: runs in parallel (default: one per core); ``stream``: where the progress display
     goes (None: silent); ``live``: force the live display on or off (default: when ``stream``
     is a terminal). ``stack_seeds``: train each arm's pending seeds together as one stacked
-    task (:mod:`normlab.train.stacked`; faster at small batches, equal to float32 rounding
-    per step rather than bit-identical) where the executor supports it. Failed and diverged
-    runs are recorded with their reason and do not stop the others. Raises ConfigError on a bad spec or a directory that holds other settings.
+    task (:mod:`normlab.train.stacked`: faster at batches up to 8 on a CPU; not
+    bit-identical to separate runs, see its docs for the measured tolerance) where the executor
+    supports it. Failed and diverged runs are recorded with their reason and do not stop the
+    others. Raises ConfigError on a bad spec or a directory that holds other settings.
     """
     out = Path(out)
     ex = (
