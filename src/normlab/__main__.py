@@ -1,5 +1,12 @@
 """``python -m normlab`` is the ``normlab`` command."""
 
-from normlab.cli import main
+import sys
 
-raise SystemExit(main())
+from normlab.cli import main, reader_gone
+
+status = main()
+try:
+    sys.stdout.flush()  # a reader that went away after the last write: not an error
+except BrokenPipeError:
+    status = reader_gone()
+raise SystemExit(status)

@@ -309,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"normlab {command}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return reader_gone()
     except NormlabError as exc:
         if _debugging(args):
             raise
@@ -330,6 +332,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _debugging(args):
             raise
         return _internal_error(command, exc)
+
+
+def reader_gone() -> int:
+    """The reader of stdout went away (``normlab ... | head``): stop quietly, as a command
+    killed by SIGPIPE would (exit status 141), without a second error when Python flushes
+    stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor behind stdout
+        pass
+    return 141
 
 
 def _internal_error(command: str, exc: BaseException) -> int:
