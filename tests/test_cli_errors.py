@@ -247,6 +247,14 @@ def test_numbers_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         f"normlab study: error: seeds must be a count >= 1 (at most 10000) or a list of seeds, "
         f"got {huge}"
     )
+    # --dry-run checks the executor options too (it used to accept any)
+    dry = ["study", "placement", "--dry-run", "--out", str(tmp_path / "dry")]
+    assert error_line(capsys, [*dry, "--jobs", "0"]) == (
+        "normlab study: error: --jobs must be >= 1, got 0"
+    )
+    assert error_line(capsys, [*dry, "--executor", "nope"]) == (
+        "normlab study: error: unknown executor 'nope'; known executors: local, ray, serial"
+    )
     line = error_line(capsys, ["train", *FAST, "--set", f"data.synthetic_image_size={huge}"])
     assert line == (
         f"normlab train: error: data.synthetic_image_size must be at most 32768, got {huge}"

@@ -156,6 +156,10 @@ def cmd_study(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    from normlab.study.executors import make_executor
+
+    # the executor's name and --jobs are checked before anything runs, with --dry-run too
+    executor = make_executor(args.executor, jobs=args.jobs, address=args.ray_address)
     if args.dry_run:
         from normlab.study.runner import plan_only
 
@@ -171,9 +175,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         result = run_study(
             spec,
             out,
-            executor=args.executor,
-            jobs=args.jobs,
-            ray_address=args.ray_address,
+            executor=executor,
             stream=stream,
             command=_command(),
             stack_seeds=args.stack_seeds,
