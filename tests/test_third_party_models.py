@@ -188,6 +188,23 @@ def test_timm_and_module_callable_names_build_the_same_networks_as_their_sources
     )
 
 
+def test_modules_that_fail_or_hold_no_builder_are_refused_like_the_bn_toolbox_does(
+    tmp_path, monkeypatch
+):
+    """One resolver for module:callable: a module whose own code raises while importing, a
+    built-in and a non-callable give a ConfigError naming the model, not an internal error."""
+    (tmp_path / "fails_on_import_xyz.py").write_text("raise RuntimeError('broken module')\n")
+    (tmp_path / "holds_data_xyz.py").write_text("VALUE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, message in [
+        ("fails_on_import_xyz:f", "importing module 'fails_on_import_xyz' failed (RuntimeError: "),
+        ("holds_data_xyz:VALUE", "'VALUE' in 'holds_data_xyz' is not callable"),
+        ("math:sqrt", "'sqrt' is a built-in function"),
+    ]:
+        with pytest.raises(ConfigError, match=f"model '{name}': " + message.replace("(", r"\(")):
+            build(name, "bn", 32)
+
+
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [

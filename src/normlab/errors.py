@@ -22,3 +22,13 @@ class DataError(NormlabError):
 
 class TrainingError(NormlabError):
     """Training cannot proceed with this combination of settings (says why and what to change)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeError: first line of the message"`` (``struct.error``, ``zlib.error``: with the
+    module, so the text never reads like a second ``error:`` line)."""
+    text = str(exc).strip()
+    kind = type(exc).__name__
+    if kind == "error":
+        kind = f"{type(exc).__module__}.error"
+    return f"{kind}: {text.splitlines()[0]}" if text else kind

@@ -44,8 +44,6 @@ for the doctor's rank-set check and ``convert --op reduce-ranks``.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -59,7 +57,9 @@ from torch import Tensor, nn
 from normlab.bn.graph import NormLayer
 from normlab.bn.scan import UnsafeFileError, UnsafeItem, unsafe_findings
 from normlab.errors import ConfigError, DataError, NormlabError
+from normlab.errors import first_line as _first_line
 from normlab.models import build_model
+from normlab.models.external import import_callable
 from normlab.store import RunDir
 from normlab.yamlio import parse_value, plain_numbers
 
@@ -114,39 +114,7 @@ class Target:
 
 def _import_callable(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"{spec}: cannot import module {module_name!r} ({exc}); is it installed?"
-        ) from None
-    except (Exception, SystemExit) as exc:  # the module's own code failed while importing
-        raise ConfigError(
-            f"{spec}: importing module {module_name!r} failed ({_first_line(exc)})"
-        ) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{spec}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{spec}: {attr!r} is not callable")
-    if inspect.isbuiltin(obj):
-        raise ConfigError(
-            f"{spec}: {attr!r} is a built-in function, not a model class or a function that "
-            "builds one"
-        )
-    return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    """``"TypeError: first line of the message"`` (``struct.error``, ``zlib.error``: with the
-    module, so the text never reads like a second ``error:`` line)."""
-    text = str(exc).strip()
-    kind = type(exc).__name__
-    if kind == "error":
-        kind = f"{type(exc).__module__}.error"
-    return f"{kind}: {text.splitlines()[0]}" if text else kind
+    return import_callable(spec, module_name, attr, missing_hint="is it installed?")
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:

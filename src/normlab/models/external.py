@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, first_line
 from normlab.models.blocks import BuildContext
 from normlab.models.trace import GraphTrace, first_conv_channels, trace_graph
 from normlab.models.xbn import xbn_positions
@@ -122,20 +123,45 @@ def external_constructor(name: str) -> Callable[..., nn.Module]:
 
 
 def _factory(name: str, module: str, attr: str) -> Callable[..., nn.Module]:
+    obj = import_callable(
+        f"model {name!r}",
+        module,
+        attr,
+        missing_hint="a third-party model is torchvision:NAME, timm:NAME or an importable "
+        "module:callable",
+    )
+    return lambda n, c, **kw: obj(num_classes=n, **kw)
+
+
+def import_callable(prefix: str, module_name: str, attr: str, *, missing_hint: str) -> Any:
+    """``module_name``'s attribute ``attr`` (dotted: ``a.b``), checked to be a callable that
+    can build a model. Raises ConfigError, its message starting with ``prefix``, when the
+    module is missing (``missing_hint`` says what to do), its own code fails while importing,
+    the attribute does not exist, or it is not callable or is a built-in function. The one
+    resolver of ``module:callable`` names (the model registry and the BN toolbox both use it).
+    """
     try:
-        obj: Any = importlib.import_module(module)
+        obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(
-            f"model {name!r}: cannot import module {module!r} ({exc}); a third-party model is "
-            "torchvision:NAME, timm:NAME or an importable module:callable"
+            f"{prefix}: cannot import module {module_name!r} ({exc}); {missing_hint}"
         ) from None
+    except (Exception, SystemExit) as exc:  # the module's own code failed while importing
+        raise ConfigError(
+            f"{prefix}: importing module {module_name!r} failed ({first_line(exc)})"
+        ) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"model {name!r}: module {module!r} has no attribute {attr!r}")
+            raise ConfigError(f"{prefix}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"model {name!r}: {attr!r} in {module!r} is not callable")
-    return lambda n, c, **kw: obj(num_classes=n, **kw)
+        raise ConfigError(f"{prefix}: {attr!r} in {module_name!r} is not callable")
+    if inspect.isbuiltin(obj):
+        raise ConfigError(
+            f"{prefix}: {attr!r} is a built-in function, not a model class or a function that "
+            "builds one"
+        )
+    return obj
 
 
 def check_external_settings(
