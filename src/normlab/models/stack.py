@@ -292,14 +292,17 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     return wide
 
 
-def unstack_into(stacked: nn.Module, models: Sequence[nn.Module]) -> None:
-    """Copy every copy's parameters and buffers from ``stacked`` into ``models`` (in place,
-    values only: the models keep their own tensors, so optimizers that hold them stay valid)."""
+def unstack_into(
+    stacked: nn.Module, models: Sequence[nn.Module], only: Sequence[int] | None = None
+) -> None:
+    """Copy every copy's parameters and buffers from ``stacked`` into ``models`` (copy i into
+    ``models[i]``; with ``only``, just those copies), in place, values only: the models keep
+    their own tensors, so optimizers that hold them stay valid."""
     k = len(models)
     wide = dict(stacked.state_dict())
     with torch.no_grad():
-        for i, m in enumerate(models):
-            for name, t in m.state_dict().items():
+        for i in range(k) if only is None else only:
+            for name, t in models[i].state_dict().items():
                 t.copy_(copy_view(wide[name], i, k, t.shape))
 
 

@@ -48,10 +48,10 @@ from normlab.data import DataBundle
 from normlab.engine.callbacks import Callback
 from normlab.engine.optim import build_scheduler
 from normlab.errors import ConfigError
-from normlab.models.stack import StackError, copy_view, stack_verified
+from normlab.models.stack import StackError, copy_view, stack_verified, unstack_into
 from normlab.train.fit import RunLoop, RunResult, train_one
 
-__all__ = ["MAX_BATCH", "fit_stacked", "stackable", "unstack_into_one"]
+__all__ = ["MAX_BATCH", "fit_stacked", "stackable"]
 
 # Largest batch trained stacked. benchmarks/small_batch.py (2-core AMD EPYC, one thread,
 # ResNet-20 at 16x16, 6 seeds, median of 3), training images/s stacked / separate: 2.55x at
@@ -159,9 +159,11 @@ class _Stack:
     def __init__(self, loops: Sequence[RunLoop]) -> None:
         self.loops = list(loops)
         models = [lp.s.model for lp in loops]
-        example = next(iter(loops[0].s.val_loader))[0][: max(2, min(4, loops[0].config.batch_size))]
+        # verification needs one batch's shape only (it draws its own float64 inputs)
+        n = max(2, min(4, loops[0].config.batch_size))
+        example = torch.zeros((n, *loops[0].s.data.train_images.shape[1:]))
         try:
-            wide = stack_verified(models, example.float())
+            wide = stack_verified(models, example)
         except StackError as exc:
             raise ConfigError(f"these runs cannot train stacked: {exc}") from None
         dtype = next(models[0].parameters()).dtype
@@ -224,10 +226,10 @@ class _Stack:
     def write_back(self, alive: Sequence[int]) -> None:
         """Copy the live copies' tensors, optimizer state, schedule and learning rates into
         their runs."""
+        unstack_into(self.model, [lp.s.model for lp in self.loops], only=alive)
         state = self.optimizer.state_dict()
         for i in alive:
             lp = self.loops[i]
-            unstack_into_one(self.model, lp.s.model, i, self.k)
             own = lp.s.optimizer.state_dict()
             params = [p for g in lp.s.optimizer.param_groups for p in g["params"]]
             own["state"] = {
@@ -245,14 +247,6 @@ class _Stack:
                 g["lr"] = wide_group["lr"]
             lp.s.optimizer.load_state_dict(own)
             lp.s.scheduler.load_state_dict(self.scheduler.state_dict())
-
-
-def unstack_into_one(stacked: nn.Module, model: nn.Module, index: int, k: int) -> None:
-    """Copy ``index``'s tensors of ``stacked`` (K copies) into ``model``."""
-    wide = dict(stacked.state_dict())
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t.copy_(copy_view(wide[name], index, k, t.shape))
 
 
 def _train(loops: Sequence[RunLoop]) -> None:
@@ -290,9 +284,8 @@ def _epoch(
     model.train()
     first = loops[0]
     cfg, device = first.config, first.s.runtime.device
-    live = torch.zeros(k, dtype=torch.bool)
-    live[alive] = True
-    live_dev = live.to(device)
+    live_dev = torch.zeros(k, dtype=torch.bool, device=device)
+    live_dev[alive] = True
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     l2_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
