@@ -66,7 +66,7 @@ def test_without_groups_the_rungs_are_the_groups():
         ({"x4": {"train": 4}}, {"limit_train": None}, "data.limit_train, which is not set"),
         ({"x": {"epochs": 1.25}}, {}, "is not a whole number"),
         ({"x1": {}, "y": {"epochs": 1}}, {}, "budgets.y is the same budget as budgets.x1"),
-        ({"x": {"steps": 2}}, {}, "unknown key 'budgets.x.steps'; known keys: epochs, train"),
+        ({"x": {"steps": 2}}, {}, "unknown key 'budgets.x.steps'; known keys: epochs, train, eval_every"),
         ({"x": {"epochs": 0}}, {}, "budgets.x.epochs must be a number > 0"),
         ({"a b": {}}, {}, "budgets name must be a name"),
         ([1, 4], {}, "budgets must be a mapping of rung name"),
@@ -110,10 +110,12 @@ def test_the_trend_reads_only_the_claims(pattern, expected):
 @pytest.mark.slow
 def test_a_ladder_study_runs_to_a_report_with_every_rung_in_one_family(tmp_path):
     out = tmp_path / "study"
-    result = run_study(spec_from_dict(_spec()), out, jobs=2, stream=None)
+    # the top rung validates only at epochs 3 and 4 (eval_every): the report reads it as usual
+    doc = _spec(budgets={"x1": {}, "x4": {"epochs": 2, "train": 2, "eval_every": 3}})
+    result = run_study(spec_from_dict(doc), out, jobs=2, stream=None)
     assert result.ok and result.count("completed") == 8
     cfg = yaml.safe_load((out / "runs" / "x4" / "gn" / "seed-1" / "config.yaml").read_text())
-    assert (cfg["epochs"], cfg["data"]["limit_train"]) == (4, 48)
+    assert (cfg["epochs"], cfg["data"]["limit_train"], cfg["eval_every"]) == (4, 48, 3)
     write_report(out)
     analysis = analyze(load_study(out))
     finals = [gc for gc in analysis.comparisons if gc.metric == "final"]
@@ -136,5 +138,7 @@ def test_a_ladder_study_runs_to_a_report_with_every_rung_in_one_family(tmp_path)
     assert "## Along the budget ladder" in md and "gn − bn" in md
     assert "the effect changes by" in md and "from x1 to x4" in md
     assert "Budget ladder (x1: epochs x1, training images x1; x4: epochs x2" in md
+    assert "validated every 3 epochs" in md
+    assert "no finite validation accuracy" not in md
     assert "Along the budget ladder" in (out / "report.html").read_text()
     assert any(p.name.startswith("ladder-") for p in (out / "figures").iterdir())

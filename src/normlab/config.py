@@ -212,6 +212,10 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: 2 * batch_size
+    # validate (and run the probes that validate) after every N-th epoch and after the last;
+    # the epochs between are trained, checkpointed and logged exactly as with 1 (evaluation
+    # never changes training), they just have no val/* (see TrainConfig.evaluates)
+    eval_every: int = 1
     drop_last: bool = True  # drop the last partial training batch (BN needs > 1 sample)
     seed: int = 0
     probes: tuple[str, ...] = ()  # names, resolved by normlab.train.names before a run
@@ -228,6 +232,7 @@ class TrainConfig:
             ">= 1",
             self.eval_batch_size,
         )
+        _check(self.eval_every >= 1, "eval_every", ">= 1", self.eval_every)
         # torch.manual_seed takes a 64-bit seed
         _check(0 <= self.seed < 2**63, "seed (--seed)", "an integer in [0, 2**63)", self.seed)
         _check(
@@ -236,6 +241,11 @@ class TrainConfig:
             "'reduce', 'broadcast' or 'none'",
             self.dist_bn,
         )
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` (1-based) validates: every ``eval_every``-th epoch and
+        always the last, so a run's final accuracy and predictions never depend on it."""
+        return epoch % self.eval_every == 0 or epoch >= self.epochs
 
 
 # --------------------------------------------------------------------------------------------

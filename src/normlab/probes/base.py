@@ -60,6 +60,9 @@ class Probe(Callback):
     OPTIONS: ClassVar[dict[str, Option]] = {}
     NEEDS_DATA: ClassVar[bool] = True
     """Whether the probe forwards samples of the data (all but ``bn`` do)."""
+    VALIDATES: ClassVar[bool] = False
+    """Whether the probe evaluates on the validation split (``shift``): then it measures only
+    at the epochs that validate (``TrainConfig.eval_every``), the others every epoch."""
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.OPTIONS))
@@ -111,6 +114,8 @@ class Probe(Callback):
             self.start(FitContext(state))
 
     def on_epoch_end(self, state: FitState, epoch: int, row: Mapping[str, Any]) -> dict[str, Any]:
+        if self.VALIDATES and not state.config.evaluates(epoch):
+            return {}
         with preserved_random_state(state.train_loader.generator):
             return self.measure(FitContext(state), epoch, row)
 

@@ -2,7 +2,8 @@
 
 Seed 004 (Huang et al. 2022, "Delving into the Estimation Shift of Batch Normalization in a
 Network", arXiv 2203.10778): BN's running (EMA) estimates drift from the population statistics
-they stand for. At the end of each epoch this probe
+they stand for. At the end of each epoch that validates (every epoch unless ``eval_every``
+says otherwise) this probe
 
 1. recomputes each BN layer's population statistics with the current weights
    (:func:`normlab.probes.stats.population_statistics`, precise BN): a fixed sample of
@@ -78,6 +79,7 @@ class ShiftProbe(Probe):
     """Estimation shift per BN layer and validation accuracy with precise statistics."""
 
     name = "shift"
+    VALIDATES = True
     OPTIONS: ClassVar[dict[str, Option]] = {
         "batches": (int, 8, 1, "training batches (of the training batch size) for the statistics"),
         "images": IMAGES_OPTION,

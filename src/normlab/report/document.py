@@ -12,7 +12,7 @@ from normlab.config import config_to_dict
 from normlab.data import SPLIT_SEED_RUN
 from normlab.report.analysis import Analysis, analyze
 from normlab.report.budgets import Ladder, ladders
-from normlab.report.data import StudyData
+from normlab.report.data import RunRecord, StudyData
 from normlab.report.family import N_RESAMPLES as FAMILY_RESAMPLES
 from normlab.report.figures import (
     across_groups,
@@ -178,7 +178,9 @@ def methods_text(study: StudyData, analysis: Analysis) -> list[str]:
         )
     if spec.budgets:
         rungs = "; ".join(
-            f"{b.name}: epochs x{b.epochs:g}, training images x{b.train:g}" for b in spec.budgets
+            f"{b.name}: epochs x{b.epochs:g}, training images x{b.train:g}"
+            + (f", validated every {b.eval_every} epochs" if b.eval_every else "")
+            for b in spec.budgets
         )
         lines.append(
             f"Budget ladder ({rungs}): every group ran at every rung, on top of its arms' own "
@@ -289,7 +291,7 @@ def build_document(study: StudyData) -> ReportDocument:
     for r in study.runs:
         if r.status == "completed" and any(
             not (isinstance(row.get("val/acc"), int | float) and math.isfinite(row["val/acc"]))
-            for row in r.rows
+            for row in _validated_rows(r)
         ):
             warnings.append(f"{r.key}: some epochs have no finite validation accuracy")
 
@@ -318,3 +320,11 @@ def build_document(study: StudyData) -> ReportDocument:
         warnings=warnings,
         ladders=ladder,
     )
+
+
+def _validated_rows(run: RunRecord) -> list[dict[str, Any]]:
+    """The metrics rows of the epochs the run validated (every epoch unless its config has
+    ``eval_every``: then every N-th and the last)."""
+    every = int(run.config.get("eval_every") or 1)
+    last = int(run.config.get("epochs") or 0)
+    return [r for r in run.rows if int(r.get("epoch", 0)) % every == 0 or r.get("epoch") == last]

@@ -28,7 +28,7 @@ A study is a YAML file (``normlab studies --show placement`` prints a built-in o
                                     #   key of base, of a group or of a variant
     budgets:                        # optional: a ladder of training budgets, crossed with the
       x1: {}                        #   groups (see below)
-      x4: {epochs: 4, train: 4}
+      x4: {epochs: 4, train: 4}     #   eval_every: N (optional): the rung validates every N
     notes: free text shown in the report
     extends: other.yaml             # optional: start from another spec (see below)
     flip_defaults: {digits: false}  # written by the study runner (see below)
@@ -62,6 +62,11 @@ so the study-level family covers every rung. A scaled length or size must be a w
 Other settings stay as the arm has them: ``optim.warmup_epochs`` stays in epochs, the
 learning-rate schedule stretches over the longer run (it is defined per step over the total),
 and a larger ``limit_train`` draws a class-stratified superset of the smaller one (same seed).
+A rung may also set ``eval_every`` (a whole number >= 1): its runs validate, and run the probes
+that validate, only every that many epochs and after the last (``TrainConfig.eval_every``).
+That is the one setting a rung may change besides its budget, because it cannot change what
+is trained (the final model, accuracy and predictions are the same; tested): it keeps a long
+rung's validation cost near the short rungs' when the validation set is large.
 
 A run's configuration is ``base`` < the group's overrides < the variant's overrides, then the
 linear learning-rate scaling, then the rung's multipliers. Command-line overrides (``--set``, ``--epochs``, ``--data``)
@@ -164,6 +169,7 @@ class Budget:
     name: str
     epochs: float = 1.0
     train: float = 1.0
+    eval_every: int | None = None  # the rung's runs' eval_every (None: the arm's own)
 
     @property
     def scale(self) -> float:
@@ -304,7 +310,7 @@ def _scaled(value: int, factor: float, what: str, rung: Budget) -> int:
 
 def scale_budget(data: Mapping[str, Any], rung: Budget) -> dict[str, Any]:
     """The config mapping ``data`` at budget ``rung``: ``epochs`` and ``data.limit_train``
-    multiplied (ConfigError naming the rung when a product is not whole, or when ``train`` is
+    multiplied, ``eval_every`` set when the rung gives it (ConfigError naming the rung when a product is not whole, or when ``train`` is
     not 1 and ``data.limit_train`` is unset: the full training set cannot grow)."""
     config = config_from_dict(data)
     changes: dict[str, Any] = {}
@@ -320,6 +326,8 @@ def scale_budget(data: Mapping[str, Any], rung: Budget) -> dict[str, Any]:
         changes["data.limit_train"] = _scaled(
             config.data.limit_train, rung.train, "data.limit_train", rung
         )
+    if rung.eval_every is not None:
+        changes["eval_every"] = rung.eval_every
     return apply_overrides(data, changes) if changes else dict(data)
 
 
@@ -632,6 +640,7 @@ def spec_from_dict(
 
 
 _BUDGET_KEYS = ("epochs", "train")
+_RUNG_KEYS = (*_BUDGET_KEYS, "eval_every")
 
 
 def _budgets(value: Any, source: str | None) -> tuple[Budget, ...]:
@@ -651,11 +660,11 @@ def _budgets(value: Any, source: str | None) -> tuple[Budget, ...]:
         body = {} if body is None else body
         if not isinstance(body, Mapping):
             raise _fail(source, f"budgets.{name} must be a mapping of multipliers, got {body!r}")
-        unknown = sorted(set(body) - set(_BUDGET_KEYS))
+        unknown = sorted(set(body) - set(_RUNG_KEYS))
         if unknown:
             raise _fail(
                 source,
-                f"unknown key 'budgets.{name}.{unknown[0]}'; known keys: {', '.join(_BUDGET_KEYS)}",
+                f"unknown key 'budgets.{name}.{unknown[0]}'; known keys: {', '.join(_RUNG_KEYS)}",
             )
         factors = {}
         for key in _BUDGET_KEYS:
@@ -663,7 +672,14 @@ def _budgets(value: Any, source: str | None) -> tuple[Budget, ...]:
             if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1e6:
                 raise _fail(source, f"budgets.{name}.{key} must be a number > 0, got {x!r}")
             factors[key] = float(x)
-        rung = Budget(str(name), **factors)
+        every = body.get("eval_every")
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise _fail(
+                source, f"budgets.{name}.eval_every must be a whole number >= 1, got {every!r}"
+            )
+        rung = Budget(str(name), **factors, eval_every=every)
         same = [b.name for b in out if (b.epochs, b.train) == (rung.epochs, rung.train)]
         if same:
             raise _fail(source, f"budgets.{name} is the same budget as budgets.{same[0]}")
@@ -784,7 +800,14 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     if spec.flip_defaults is not None:
         out["flip_defaults"] = dict(spec.flip_defaults)
     if spec.budgets:
-        out["budgets"] = {b.name: {"epochs": b.epochs, "train": b.train} for b in spec.budgets}
+        out["budgets"] = {b.name: _rung_dict(b) for b in spec.budgets}
+    return out
+
+
+def _rung_dict(rung: Budget) -> dict[str, Any]:
+    out: dict[str, Any] = {"epochs": rung.epochs, "train": rung.train}
+    if rung.eval_every is not None:
+        out["eval_every"] = rung.eval_every
     return out
 
 

@@ -1,11 +1,11 @@
 """The one training loop: ``fit(config) -> RunResult``.
 
 ``fit`` builds the data and the model from a :class:`TrainConfig`, trains for
-``config.epochs`` epochs with evaluation (eval mode) after each, and keeps a run directory
-(see :mod:`normlab.store.run`) up to date: a metrics row, an atomic checkpoint and the
-per-image validation predictions (final and best epoch) after every epoch, ``summary.json``
-with the status. ``fit(..., resume=True)`` continues an interrupted run
-from its last checkpoint and produces the same metrics an uninterrupted run would (same model,
+``config.epochs`` epochs with evaluation (eval mode) after each (or, with ``eval_every: N``,
+after every N-th and the last), and keeps a run directory (see :mod:`normlab.store.run`) up to
+date: a metrics row and an atomic checkpoint after every epoch, the per-image validation
+predictions (final and best epoch) after every validated one, ``summary.json`` with the
+status. ``fit(..., resume=True)`` continues an interrupted run from its last checkpoint and produces the same metrics an uninterrupted run would (same model,
 optimizer, scheduler, data-order and augmentation RNG states; on the same machine and thread
 count the numbers are bit-identical).
 
@@ -199,7 +199,9 @@ class RunLoop:
             self.dctx.is_main and self.kept
         ):  # as the checkpoint has them (a crash may have come between)
             self.run.write_predictions(
-                _predictions(s, progress.start_epoch - 1, self.best, self.kept)
+                _predictions(
+                    s, _last_validated(self.config, progress.start_epoch - 1), self.best, self.kept
+                )
             )
         self.log(_first_line(s))
         self.summary = self.write_summary(STATUS_RUNNING)
@@ -236,22 +238,28 @@ class RunLoop:
         self.log(f"epoch {epoch}: loss is NaN/Inf at step {step}; run marked diverged")
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
-        """Evaluate the trained epoch, let the callbacks add to its row, and write the row, the
-        checkpoint, the predictions and the summary."""
+        """Evaluate the trained epoch (when ``config.evaluates(epoch)``), let the callbacks add
+        to its row, and write the row, the checkpoint, the predictions and the summary. An
+        epoch that does not validate has no ``val/*`` in its row and leaves the predictions and
+        the best epoch as they were; everything else (the BN reconciliation of a multi-process
+        run, the checkpoint) happens every epoch, so training never depends on ``eval_every``."""
         s, dctx, best, kept, run = self.s, self.dctx, self.best, self.kept, self.run
         t_eval = time.perf_counter()
         if dctx.enabled and not self.config.sync_bn:
             reconcile_batchnorm(s.model, self.config.dist_bn)
-        # the same forward pass gives the metrics and every image's predicted class
-        val = evaluate_with_predictions(s.model, s.val_loader, self.state.autocast())
-        row["val/loss"], row["val/acc"] = val.loss, val.acc
+        val = None
+        if self.config.evaluates(epoch):
+            # the same forward pass gives the metrics and every image's predicted class
+            val = evaluate_with_predictions(s.model, s.val_loader, self.state.autocast())
+            row["val/loss"], row["val/acc"] = val.loss, val.acc
         row["seconds"] = round(row["seconds"] + time.perf_counter() - t_eval, 4)
         for cb in self.callbacks:
             row.update(cb.on_epoch_end(self.state, epoch, row))
-        kept["final"] = val.predictions
-        if val.acc > best["acc"]:
-            best.update(acc=val.acc, epoch=epoch)
-            kept["best"] = val.predictions
+        if val is not None:
+            kept["final"] = val.predictions
+            if val.acc > best["acc"]:
+                best.update(acc=val.acc, epoch=epoch)
+                kept["best"] = val.predictions
         if dctx.enabled and self.config.dist_bn == "none":
             # Statistics stay per rank: keep every rank's, so `normlab doctor RUN` can
             # show how far they disagree (the checkpoint holds rank 0's).
@@ -261,7 +269,8 @@ class RunLoop:
             # checkpoint does not cover, which resume trims and recomputes (never a gap).
             run.append_metrics(row)
             run.save_checkpoint(_checkpoint(s, epoch, best, self.wall(), kept))
-            run.write_predictions(_predictions(s, epoch, best, kept))
+            if val is not None:
+                run.write_predictions(_predictions(s, epoch, best, kept))
         self.history.append(row)
         self.summary = self.write_summary(STATUS_RUNNING)
         self.log(_epoch_line(row, epoch, self.config.epochs))
@@ -287,8 +296,10 @@ def _summary(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     """``summary.json``: status, progress, final and best accuracy, and what rebuilding the
-    run's model needs (its data dimensions)."""
-    last = history[-1] if history else {}
+    run's model needs (its data dimensions). ``final/val/*`` is the last validated epoch's
+    (the last epoch's once the run is complete: it always validates)."""
+    validated = [row for row in history if "val/acc" in row]
+    last = validated[-1] if validated else {}
     return {
         "status": status,
         "epochs_completed": len(history),
@@ -345,6 +356,11 @@ def _predictions(
     )
 
 
+def _last_validated(config: TrainConfig, epoch: int) -> int:
+    """The last epoch up to ``epoch`` that validated (``TrainConfig.evaluates``)."""
+    return next((e for e in range(epoch, 0, -1) if config.evaluates(e)), 0)
+
+
 def _first_line(s: Session) -> str:
     c, r = s.config, s.runtime
     return (
@@ -356,10 +372,14 @@ def _first_line(s: Session) -> str:
 
 
 def _epoch_line(row: dict[str, Any], epoch: int, epochs: int) -> str:
+    val = (
+        f"val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f}"
+        if "val/acc" in row
+        else "not validated (eval_every)"
+    )
     return (
         f"epoch {epoch}/{epochs}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f}"
-        f"  val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f}  lr {row['lr']:.4g}"
-        f"  {row['seconds']:.1f}s {row['images_per_s']:.0f} img/s"
+        f"  {val}  lr {row['lr']:.4g}  {row['seconds']:.1f}s {row['images_per_s']:.0f} img/s"
     )
 
 
