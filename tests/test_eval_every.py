@@ -116,5 +116,5 @@ def test_a_rung_sets_eval_every_and_nothing_else():
 
 @pytest.mark.parametrize("value", [0, 1.5, "4", True])
 def test_a_bad_rung_eval_every_is_named(value):
-    with pytest.raises(ConfigError, match="budgets.x4.eval_every must be a whole number >= 1"):
+    with pytest.raises(ConfigError, match=r"budgets\.x4\.eval_every must be a whole number >= 1"):
         spec_from_dict(_ladder(eval_every=value))

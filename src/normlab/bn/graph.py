@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from normlab.models.modes import preserved_modes
 from normlab.norms import FrozenBatchNorm
 
 __all__ = [
@@ -300,13 +301,9 @@ def _layer_record(name: str, m: nn.Module, family: str) -> NormLayer:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module of ``model`` in eval mode; restore each module's own flag afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
+    with preserved_modes(model):
         model.eval()
         yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # ---- fx analysis ---------------------------------------------------------------------------

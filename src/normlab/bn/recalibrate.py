@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import DataError, NormlabError
+from normlab.models.modes import preserved_modes
 from normlab.probes.stats import ChannelMoments, PopulationStatistics
 
 __all__ = ["RecalibrationResult", "batch_input", "recalibrate_batchnorm"]
@@ -88,19 +89,17 @@ def batch_input(batch: Any) -> Any:
 
 @contextlib.contextmanager
 def _recalibration_mode(bns: list[_BatchNorm], model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
     momenta = [(bn, bn.momentum) for bn in bns]
-    try:
-        model.eval()
-        for bn in bns:
-            bn.train()
-            bn.momentum = 0.0  # batch statistics for normalisation, running buffers untouched
-        yield
-    finally:
-        for bn, momentum in momenta:
-            bn.momentum = momentum
-        for m, mode in modes:
-            m.training = mode
+    with preserved_modes(model):
+        try:
+            model.eval()
+            for bn in bns:
+                bn.train()
+                bn.momentum = 0.0  # batch statistics for normalisation, running buffers untouched
+            yield
+        finally:
+            for bn, momentum in momenta:
+                bn.momentum = momentum
 
 
 def recalibrate_batchnorm(

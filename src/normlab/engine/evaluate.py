@@ -13,6 +13,7 @@ from torch import nn
 
 from normlab.data import BatchLoader
 from normlab.engine.distributed import all_reduce_sum, gather_strided
+from normlab.models.modes import preserved_modes
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` in eval mode over ``loader``.
 
-    The model's training flag is restored afterwards, also on error. In a multi-process job
+    Every module's training flag is restored afterwards, also on error (one by one: a
+    submodule kept in eval mode during training stays so). In a multi-process job
     each rank passes its shard of the data and the sums are reduced over ranks.
     """
     result = _evaluate(model, loader, autocast, keep=False)
@@ -59,28 +61,24 @@ def _evaluate(
     *,
     keep: bool,
 ) -> Evaluation:
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     # Accumulate on the device: no host sync per batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     kept: list[torch.Tensor] = []  # each batch's argmax, on the device
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                with autocast if autocast is not None else contextlib.nullcontext():
-                    out = model(x)
-                loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
-                loss_sum += loss.detach().double()
-                pred = out.argmax(1)
-                correct += (pred == y).sum()
-                count += y.numel()
-                if keep:
-                    kept.append(pred)
-    finally:
-        model.train(was_training)
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        for x, y in loader:
+            with autocast if autocast is not None else contextlib.nullcontext():
+                out = model(x)
+            loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
+            loss_sum += loss.detach().double()
+            pred = out.argmax(1)
+            correct += (pred == y).sum()
+            count += y.numel()
+            if keep:
+                kept.append(pred)
     # In a multi-process job each rank saw a shard of the data: add the shards up.
     total_loss, total_correct, total = all_reduce_sum(
         [float(loss_sum), int(correct), count], device

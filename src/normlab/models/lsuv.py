@@ -19,13 +19,16 @@ and the train/eval flag are restored; the result is deterministic given the batc
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from normlab.errors import TrainingError
+from normlab.models.modes import preserved_modes
 
 __all__ = ["LsuvLayer", "lsuv_init", "weight_layers_in_forward_order"]
 
@@ -120,10 +123,8 @@ def lsuv_init(
     """
     if tol <= 0 or max_iters < 1:
         raise ValueError(f"LSUV needs tol > 0 and max_iters >= 1, got {tol}, {max_iters}")
-    was_training = model.training
-    buffers = [(b, b.clone()) for _, b in model.named_buffers()]
-    model.train()
-    try:
+    with preserved_modes(model), _restored_buffers(model):
+        model.train()  # BN normalises with batch statistics, as in the first training step
         layers = weight_layers_in_forward_order(model, x)
         if orthogonal:
             for _, m in layers:
@@ -152,7 +153,14 @@ def lsuv_init(
                 var = _output_variance(model, m, x)
             done.append(LsuvLayer(name, before, var, iterations, abs(var - 1.0) < tol))
         return done
+
+
+@contextlib.contextmanager
+def _restored_buffers(model: nn.Module) -> Iterator[None]:
+    """Every buffer (BN's running statistics) as it was on entry, also after an error."""
+    buffers = [(b, b.clone()) for _, b in model.named_buffers()]
+    try:
+        yield
     finally:
         for buf, saved in buffers:
             buf.copy_(saved)
-        model.train(was_training)

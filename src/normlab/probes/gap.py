@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.errors import ConfigError
+from normlab.models.modes import preserved_modes
 from normlab.probes.base import Option, Probe, sample_loader
 from normlab.probes.context import Batches
 from normlab.probes.stats import AutocastLike, batch_statistics_mode
@@ -51,14 +52,9 @@ def train_eval_gap(
     with torch.no_grad():
         with batch_statistics_mode(model), ctx:
             out_train = model(x)
-        modes = [(m, m.training) for m in model.modules()]
-        try:
+        with preserved_modes(model), ctx:
             model.eval()
-            with ctx:
-                out_eval = model(x)
-        finally:
-            for m, flag in modes:
-                m.training = flag
+            out_eval = model(x)
     train_loss, train_acc = _loss_acc(out_train, y)
     eval_loss, eval_acc = _loss_acc(out_eval, y)
     return {

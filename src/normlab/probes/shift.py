@@ -47,7 +47,6 @@ from normlab.probes.stats import (
     batchnorm_layers,
     estimation_shift,
     population_statistics,
-    preserved_modes,
     substituted_statistics,
 )
 
@@ -126,8 +125,7 @@ class ShiftProbe(Probe):
             )
             out.update(shift_metrics(model, seen, prefix="bn/inference_shift"))
         if self._val is not None:
-            with preserved_modes(model):  # evaluate() restores one flag for all modules
-                out.update(self._validation(ctx, stats, row))
+            out.update(self._validation(ctx, stats, row))
         return out
 
     def _validation(

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from normlab.models.modes import preserved_modes
 from normlab.norms import BatchRenorm1d, BatchRenorm2d, is_norm
 
 __all__ = [
@@ -219,19 +220,6 @@ _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @contextlib.contextmanager
-def preserved_modes(model: nn.Module) -> Iterator[None]:
-    """On exit, also after an exception, set every module's ``training`` flag back to what it
-    was on entry (``model.train(flag)`` would set one flag for all, losing a submodule that a
-    fine-tuning loop keeps in eval mode)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
-
-
-@contextlib.contextmanager
 def batch_statistics_mode(model: nn.Module) -> Iterator[Callable[[], None]]:
     """Run ``model`` as during training as far as normalization goes, and leave no trace.
 
@@ -243,7 +231,6 @@ def batch_statistics_mode(model: nn.Module) -> Iterator[Callable[[], None]]:
     also after an exception, the buffers are restored and every module's ``training`` flag is
     set back to what it was.
     """
-    modes = [(m, m.training) for m in model.modules()]
     saved: list[tuple[Tensor, Tensor]] = []
     for m in model.modules():
         if isinstance(m, _BatchNorm):
@@ -257,16 +244,15 @@ def batch_statistics_mode(model: nn.Module) -> Iterator[Callable[[], None]]:
             for buf, value in saved:
                 buf.copy_(value)
 
-    try:
-        model.eval()
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.train()
-        yield restore
-    finally:
-        restore()
-        for m, flag in modes:
-            m.training = flag
+    with preserved_modes(model):
+        try:
+            model.eval()
+            for m in model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.train()
+            yield restore
+        finally:
+            restore()
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.hooks import RemovableHandle
 
 from normlab.errors import ConfigError
+from normlab.models.modes import preserved_modes
 from normlab.probes.base import Option, Probe, sample_loader
 
 if TYPE_CHECKING:
@@ -116,7 +117,6 @@ def scale_invariant_layers(model: nn.Module, example: Tensor) -> dict[str, str]:
         if not has_bias or (direct and isinstance(module, _PER_CHANNEL_CENTERING)):
             found.setdefault(layer, names[id(module)])
 
-    modes = [(m, m.training) for m in model.modules()]
     try:
         for m in model.modules():
             if isinstance(m, _LAYER_TYPES):
@@ -125,14 +125,12 @@ def scale_invariant_layers(model: nn.Module, example: Tensor) -> dict[str, str]:
                 handles.append(m.register_forward_pre_hook(on_norm))
             elif not any(True for _ in m.children()):
                 handles.append(m.register_forward_hook(on_other))
-        model.eval()
-        with torch.no_grad():
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
             model(example)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in modes:
-            m.training = flag
     return {name: found[name] for name in layers if name in found}
 
 
