@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -66,7 +67,11 @@ def test_without_groups_the_rungs_are_the_groups():
         ({"x4": {"train": 4}}, {"limit_train": None}, "data.limit_train, which is not set"),
         ({"x": {"epochs": 1.25}}, {}, "is not a whole number"),
         ({"x1": {}, "y": {"epochs": 1}}, {}, "budgets.y is the same budget as budgets.x1"),
-        ({"x": {"steps": 2}}, {}, "unknown key 'budgets.x.steps'; known keys: epochs, train, eval_every"),
+        (
+            {"x": {"steps": 2}},
+            {},
+            "unknown key 'budgets.x.steps'; known keys: epochs, train, eval_every",
+        ),
         ({"x": {"epochs": 0}}, {}, "budgets.x.epochs must be a number > 0"),
         ({"a b": {}}, {}, "budgets name must be a name"),
         ([1, 4], {}, "budgets must be a mapping of rung name"),
@@ -142,3 +147,60 @@ def test_a_ladder_study_runs_to_a_report_with_every_rung_in_one_family(tmp_path)
     assert "no finite validation accuracy" not in md
     assert "Along the budget ladder" in (out / "report.html").read_text()
     assert any(p.name.startswith("ladder-") for p in (out / "figures").iterdir())
+
+
+def test_a_rung_can_run_some_groups_only():
+    doc = _spec(
+        groups={"b8": {"batch_size": 8}, "b16": {}},
+        budgets={"x1": {}, "x4": {"epochs": 2, "groups": ["b8"]}},
+    )
+    spec = spec_from_dict(doc)
+    assert spec.group_names == ["b8@x1", "b8@x4", "b16@x1"]
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    assert spec_to_dict(spec)["budgets"]["x4"]["groups"] == ["b8"]
+    assert "groups" not in spec_to_dict(spec)["budgets"]["x1"]
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (["b9"], "budgets.x4.groups: no group 'b9'; groups: b8, b16"),
+        ([], "budgets.x4.groups must be a list of distinct group names"),
+        (["b8", "b8"], "budgets.x4.groups must be a list of distinct group names"),
+        ("b8", "budgets.x4.groups must be a list of distinct group names"),
+    ],
+)
+def test_bad_rung_groups_are_named(groups, message):
+    doc = _spec(
+        groups={"b8": {"batch_size": 8}, "b16": {}},
+        budgets={"x1": {}, "x4": {"groups": groups, "epochs": 2}},
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        spec_from_dict(doc)
+
+
+def test_a_rung_of_a_study_without_groups_cannot_name_groups():
+    with pytest.raises(ConfigError, match=re.escape("no group 'a'; groups: (none")):
+        spec_from_dict(_spec(budgets={"x1": {}, "x4": {"epochs": 2, "groups": ["a"]}}))
+
+
+@pytest.mark.slow
+def test_a_group_run_at_one_rung_only_is_reported_without_a_ladder(tmp_path):
+    out = tmp_path / "study"
+    doc = _spec(
+        seeds=2,
+        groups={"b8": {"batch_size": 8}, "b16": {}},
+        budgets={"x1": {}, "x4": {"epochs": 2, "groups": ["b8"]}},
+    )
+    result = run_study(spec_from_dict(doc), out, jobs=2, stream=None)
+    assert result.ok and result.count("completed") == 12  # 3 run groups x 2 arms x 2 seeds
+    assert not (out / "runs" / "b16@x4").exists()
+    write_report(out)
+    analysis = analyze(load_study(out))
+    finals = sorted(gc.group for gc in analysis.comparisons if gc.metric == "final")
+    assert finals == ["b16@x1", "b8@x1", "b8@x4"]
+    assert [(lad.group, [r.budget.name for r in lad.rungs]) for lad in ladders(analysis)] == [
+        ("b8", ["x1", "x4"])
+    ]
+    md = (out / "report.md").read_text()
+    assert "groups b8 only" in md and "runs are unfinished" not in md

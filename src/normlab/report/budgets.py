@@ -153,9 +153,9 @@ def ladders(analysis: Analysis) -> list[Ladder]:
     out = []
     for (group, variant, reference), per_rung in by_key.items():
         rungs = tuple(Rung(b, per_rung[b.name]) for b in spec.budgets if b.name in per_rung)
-        if not rungs:
+        if len(rungs) < 2:  # a group run at one rung only (budgets.RUNG.groups) has no trend
             continue
-        change = _change(analysis, group, rungs[0], rungs[-1]) if len(rungs) > 1 else None
+        change = _change(analysis, group, rungs[0], rungs[-1])
         out.append(Ladder(group, variant, reference, rungs, _trend(rungs), change))
     return out
 

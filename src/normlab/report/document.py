@@ -180,10 +180,12 @@ def methods_text(study: StudyData, analysis: Analysis) -> list[str]:
         rungs = "; ".join(
             f"{b.name}: epochs x{b.epochs:g}, training images x{b.train:g}"
             + (f", validated every {b.eval_every} epochs" if b.eval_every else "")
+            + (f", groups {', '.join(b.groups)} only" if b.groups else "")
             for b in spec.budgets
         )
         lines.append(
-            f"Budget ladder ({rungs}): every group ran at every rung, on top of its arms' own "
+            f"Budget ladder ({rungs}): every group ran at every rung unless the rung names its "
+            "groups, on top of its arms' own "
             "settings (normlab.study.spec), as the group GROUP@RUNG; the rungs' comparisons are "
             "all in the one family above. Along the ladder, the trend of each comparison is "
             "read from its claims at the rungs (holds, reverses, appears, fades, some rungs "

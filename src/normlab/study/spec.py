@@ -62,7 +62,9 @@ so the study-level family covers every rung. A scaled length or size must be a w
 Other settings stay as the arm has them: ``optim.warmup_epochs`` stays in epochs, the
 learning-rate schedule stretches over the longer run (it is defined per step over the total),
 and a larger ``limit_train`` draws a class-stratified superset of the smaller one (same seed).
-A rung may also set ``eval_every`` (a whole number >= 1): its runs validate, and run the probes
+A rung may run only some of the declared groups, ``groups: [resnet20]`` (to spend a long
+rung's compute where the question is; the report reads each group's ladder over the rungs it
+ran). A rung may also set ``eval_every`` (a whole number >= 1): its runs validate, and run the probes
 that validate, only every that many epochs and after the last (``TrainConfig.eval_every``).
 That is the one setting a rung may change besides its budget, because it cannot change what
 is trained (the final model, accuracy and predictions are the same; tested): it keeps a long
@@ -170,6 +172,7 @@ class Budget:
     epochs: float = 1.0
     train: float = 1.0
     eval_every: int | None = None  # the rung's runs' eval_every (None: the arm's own)
+    groups: tuple[str, ...] | None = None  # the declared groups run at this rung (None: all)
 
     @property
     def scale(self) -> float:
@@ -214,10 +217,16 @@ class StudySpec:
     @property
     def group_names(self) -> list[str | None]:
         """The groups the study runs: the declared groups (``[None]`` without any), each crossed
-        with the budget rungs when there are some (:func:`rung_group`)."""
+        with the budget rungs when there are some (:func:`rung_group`; a rung with ``groups``
+        runs only those)."""
         if not self.budgets:
             return self.declared_groups
-        return [rung_group(g, b.name) for g in self.declared_groups for b in self.budgets]
+        return [
+            rung_group(g, b.name)
+            for g in self.declared_groups
+            for b in self.budgets
+            if b.groups is None or g in b.groups
+        ]
 
     def split_group(self, name: str | None) -> tuple[str | None, Budget | None]:
         """A run group's declared group and budget rung (``"bs8@x4"`` -> ``("bs8", x4)``)."""
@@ -640,7 +649,7 @@ def spec_from_dict(
 
 
 _BUDGET_KEYS = ("epochs", "train")
-_RUNG_KEYS = (*_BUDGET_KEYS, "eval_every")
+_RUNG_KEYS = (*_BUDGET_KEYS, "eval_every", "groups")
 
 
 def _budgets(value: Any, source: str | None) -> tuple[Budget, ...]:
@@ -679,12 +688,33 @@ def _budgets(value: Any, source: str | None) -> tuple[Budget, ...]:
             raise _fail(
                 source, f"budgets.{name}.eval_every must be a whole number >= 1, got {every!r}"
             )
-        rung = Budget(str(name), **factors, eval_every=every)
+        rung = Budget(
+            str(name), **factors, eval_every=every, groups=_rung_groups(body, name, source)
+        )
         same = [b.name for b in out if (b.epochs, b.train) == (rung.epochs, rung.train)]
         if same:
             raise _fail(source, f"budgets.{name} is the same budget as budgets.{same[0]}")
         out.append(rung)
     return tuple(out)
+
+
+def _rung_groups(body: Mapping[str, Any], rung: str, source: str | None) -> tuple[str, ...] | None:
+    """A rung's ``groups`` key: a non-empty list of distinct names (checked against the
+    declared groups by :func:`validate`), or None."""
+    value = body.get("groups")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(g, str) for g in value)
+        or len(set(value)) != len(value)
+    ):
+        raise _fail(
+            source,
+            f"budgets.{rung}.groups must be a list of distinct group names, got {value!r}",
+        )
+    return tuple(value)
 
 
 def _comparisons(
@@ -739,6 +769,15 @@ def validate(spec: StudySpec) -> None:
             f"devices > 1 ({', '.join(many) or 'every run'}) trains in a torchrun subprocess "
             "that does not carry them yet; drop log or run with devices: 1",
         )
+    declared = [g.name for g in spec.groups]
+    for rung in spec.budgets:
+        unknown = [g for g in rung.groups or () if g not in declared]
+        if unknown:
+            raise _fail(
+                spec.source,
+                f"budgets.{rung.name}.groups: no group '{unknown[0]}'; groups: "
+                + (", ".join(declared) or "(none: the study has no groups)"),
+            )
     for group in spec.group_names:
         g = spec.group(group)
         if g is not None:
@@ -808,6 +847,8 @@ def _rung_dict(rung: Budget) -> dict[str, Any]:
     out: dict[str, Any] = {"epochs": rung.epochs, "train": rung.train}
     if rung.eval_every is not None:
         out["eval_every"] = rung.eval_every
+    if rung.groups is not None:
+        out["groups"] = list(rung.groups)
     return out
 
 
