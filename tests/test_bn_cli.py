@@ -184,3 +184,58 @@ def test_cli_accepts_the_half_precision_folds_the_library_accepts(
     assert 1e-4 * max(1.0, report["output_scale"]) < report["max_abs_error"]
     assert report["max_abs_error"] <= report["tolerance"]
     assert report["folded"] == 1 and (tmp_path / "f.pt").is_file()
+
+
+FEATURE_MODELS = """
+from torch import nn
+
+
+def features(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def tupled(num_classes=10):
+    class Local(nn.Module):  # defined inside a function: cannot be pickled
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            return self.fc(h.mean((2, 3))), h
+
+    return Local()
+"""
+
+
+def test_recalibrate_measures_accuracy_only_on_class_scores_and_saves_what_it_can(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "featmods.py").write_text(FEATURE_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = ["--data", "synthetic"]
+    # a feature extractor: recalibrated, no accuracy (its output is a feature map)
+    code, out = run_json(
+        capsys, ["recalibrate", "featmods:features", *data, "--out", str(tmp_path / "a.pt")]
+    )
+    assert code == 0 and out["layers"] == 1 and out["val_before"] is None
+    assert "not class scores [N, >= 10]" in out["val_not_measured"]
+    # a module that returns (logits, features) and cannot be pickled: its state_dict is written
+    code, out = run_json(
+        capsys, ["recalibrate", "featmods:tupled", *data, "--out", str(tmp_path / "b.pt")]
+    )
+    assert code == 0 and out["saved"] == "state_dict" and out["val_after"] is None
+    assert "returns tuple" in out["val_not_measured"]
+    import featmods
+
+    model = featmods.tupled()
+    model.load_state_dict(torch.load(tmp_path / "b.pt"))
+    assert not torch.equal(model.bn.running_var, torch.ones(4))  # recalibrated statistics
+    # convert and fold cannot write a module they cannot pickle: a clear error, nothing written
+    for argv in (
+        ["convert", "featmods:tupled", str(tmp_path / "c.pt"), "--op", "keras-momentum"],
+        ["fold", "featmods:tupled", str(tmp_path / "f.pt"), "--input-shape", "3,8,8"],
+    ):
+        assert main(argv) == 2
+        assert "the module cannot be pickled" in capsys.readouterr().err
+        assert not (tmp_path / Path(argv[2]).name).exists()

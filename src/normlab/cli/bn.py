@@ -26,6 +26,7 @@ import dataclasses
 import io
 import json
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,14 +164,15 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _check_forward(model: nn.Module, x: Tensor, what: str, hint: str) -> None:
-    """Run ``model`` once on ``x`` (eval mode, no grad): ConfigError ``"{what} (the error);
-    {hint}"`` when the model does not accept it, before any real work starts."""
+def _check_forward(model: nn.Module, x: Tensor, what: str, hint: str) -> Any:
+    """Run ``model`` once on ``x`` (eval mode, no grad) and return its output: ConfigError
+    ``"{what} (the error); {hint}"`` when the model does not accept it, before any real work
+    starts."""
     from normlab.bn.graph import eval_mode
 
     try:
         with eval_mode(model), torch.no_grad():
-            model(x)
+            return model(x)
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"{what} ({type(exc).__name__}: {detail}); {hint}") from exc
@@ -188,23 +190,50 @@ def _check_example(model: nn.Module, x: Tensor, context: str = "", *, guessed: b
     )
 
 
-def _check_data(model: nn.Module, bundle: Any, cfg: Any) -> None:
-    """Two training images of ``bundle`` (as the loaders prepare them) fit ``model``."""
+def _check_data(model: nn.Module, bundle: Any, cfg: Any) -> Any:
+    """Two training images of ``bundle`` (as the loaders prepare them) fit ``model``; returns
+    the model's output on them (None without training images)."""
     from normlab.data import BatchLoader
 
     if bundle.train_labels.numel() == 0:
-        return
+        return None
     probe = BatchLoader.evaluation(
         bundle.train_images[:2], bundle.train_labels[:2], 2, mean=bundle.mean, std=bundle.std
     )
     x, _ = next(iter(probe))
     shape = "x".join(map(str, x.shape[1:]))
-    _check_forward(
+    return _check_forward(
         model,
         x,
         f"the model does not accept the {shape} images of data source {cfg.name!r}",
         "choose the model's data with --data (or --arch / --num-classes for the model)",
     )
+
+
+def _pickled(model: nn.Module) -> tuple[bytes | None, str]:
+    """``torch.save(model)`` as bytes, or ``(None, why)`` when the module cannot be pickled
+    (a class defined inside a function, a lambda attribute, an open handle)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(model, buffer)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"the module cannot be pickled ({type(exc).__name__}: {detail})"
+    return buffer.getvalue(), ""
+
+
+def _not_class_scores(output: Any, num_classes: int) -> str | None:
+    """Why ``output`` (the model's on a batch of 2) cannot be scored as classification logits
+    of ``num_classes`` classes, or None when it can: a tensor [N, C] with C >= num_classes."""
+    if not isinstance(output, Tensor):
+        return f"the model returns {type(output).__name__}, not a tensor of class scores"
+    if output.ndim != 2 or output.shape[1] < num_classes:
+        shape = "x".join(map(str, output.shape))
+        return (
+            f"the model's output is {shape}, not class scores [N, >= {num_classes}] for the "
+            f"{num_classes} classes of the data"
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -270,12 +299,15 @@ def _loaders(bundle: Any, cfg: Any, batch_size: int, seed: int) -> tuple[Any, An
     return train, val
 
 
-def _save_module(model: nn.Module, out: str) -> None:
+def _save_module(model: nn.Module, out: str, command: str, hint: str) -> None:
+    """The whole module (``torch.save(model)``) at ``out``, atomically; NormlabError naming
+    ``command``, why and ``hint`` (and nothing written) when it cannot be pickled."""
     from normlab.store import atomic_write_bytes
 
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    atomic_write_bytes(out, buffer.getvalue())
+    data, why = _pickled(model)
+    if data is None:
+        raise NormlabError(f"{command}: {why}; nothing written ({hint})")
+    atomic_write_bytes(out, data)
 
 
 def _require_model(target: Any, command: str) -> nn.Module:
@@ -519,7 +551,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
             f"{str(_dtype(model)).removeprefix('torch.')} allows {result.tolerance:.3g}); "
             "nothing written"
         )
-    _save_module(result.model, args.output)
+    _save_module(
+        result.model, args.output, "fold", "the folded model is saved as a whole module only"
+    )
     lines = [
         f"folded {len(result.folded)} BN layer(s) of {target.description} -> {args.output}",
         f"  verified on a batch of {args.batch} x {shape}: max abs error {result.max_abs_error:.3g} "
@@ -567,21 +601,28 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     got = _data(args, target, required=True)
     assert got is not None
     bundle, cfg = got
-    _check_data(model, bundle, cfg)
+    output = _check_data(model, bundle, cfg)
     if args.out:
         out = output_file(args.out, "--out")
     else:
         out = output_file(_default_out(target), "--out (default)")
     bs = args.batch_size or target.batch_size or 64
     train, val = _loaders(bundle, cfg, bs, target.seed)
-    has_val = bundle.val_labels.numel() > 0
+    not_scored = None if output is None else _not_class_scores(output, bundle.num_classes)
+    has_val = bundle.val_labels.numel() > 0 and not_scored is None
     before = evaluate(model, val) if has_val else None
     result = recalibrate_batchnorm(model, train, num_batches=args.batches)
     after = evaluate(model, val) if has_val else None
     state = model.state_dict()
     buffer = io.BytesIO()
+    saved_as = None  # why the state_dict was written instead of the module
     if target.kind == "module" or (target.kind == "callable" and target.path is None):
-        torch.save(model, buffer)
+        data, why = _pickled(model)
+        if data is None:  # the recalibrated statistics still fit the target's architecture
+            saved_as = f"{why}; load it into the model with load_state_dict"
+            torch.save(state, buffer)
+        else:
+            buffer.write(data)
     elif target.checkpoint is not None and target.state_key is not None:
         ckpt = dict(target.checkpoint)
         ckpt[target.state_key] = state
@@ -598,6 +639,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
         "samples": result.samples,
         "val_before": before,
         "val_after": after,
+        "val_not_measured": not_scored,
     }
     lines = [
         f"recalibrated {len(result.layers)} BN layer(s) of {target.description} on "
@@ -608,6 +650,11 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
             f"  val acc {before['acc']:.4f} -> {after['acc']:.4f}   "
             f"val loss {before['loss']:.4f} -> {after['loss']:.4f}"
         )
+    if not_scored is not None:
+        lines.append(f"  validation accuracy not measured: {not_scored}")
+    if saved_as is not None:
+        payload["saved"] = "state_dict"
+        lines.append(f"  saved the state_dict: {saved_as}")
     for name, reason in result.skipped:
         lines.append(f"  left {name}: {reason}")
     _emit(args, payload, lines)
@@ -663,7 +710,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         torch.save(model.state_dict(), buffer)
         atomic_write_bytes(args.output, buffer.getvalue())
     else:
-        _save_module(model, args.output)
+        _save_module(model, args.output, "convert", "pass --state-dict to save its state_dict")
     lines = [f"converted {target.description} -> {args.output} ({', '.join(ops)})"]
     lines += [f"  {line}" for line in report] or ["  nothing to change"]
     _emit(args, {"input": target.description, "output": args.output, "changes": report}, lines)
