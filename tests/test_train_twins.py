@@ -150,3 +150,47 @@ def test_a_diverged_source_diverges_every_twin(tmp_path):
     assert [r.status for r in results] == ["diverged", "diverged"]
     alone = fit(cfgs[1], out=tmp_path / "alone", verbose=False)
     assert alone.summary["diverged_at"] == results[1].summary["diverged_at"]
+
+
+def test_study_momentum_twins_trains_each_seed_once_and_matches_separate_runs(tmp_path):
+    from normlab.report import write_report
+    from normlab.study.runner import run_study
+    from normlab.study.spec import spec_from_dict
+
+    doc = {
+        "name": "twins",
+        "baseline": "correct",
+        "seeds": 2,
+        "base": {
+            "model": {"name": "resnet20"},
+            "data": {"name": "synthetic", "image_size": 8, "limit_train": 32, "limit_val": 16},
+            "epochs": 2,
+            "batch_size": 8,
+            "optim": {"name": "sgd", "lr": 0.05},
+            "probes": ["bn"],
+        },
+        "variants": {
+            "correct": {"set": {"norm.bn_momentum": 0.1}},
+            "never": {"set": {"norm.bn_momentum": 0.0}},
+            "keras": {"set": {"norm.bn_momentum": 0.99, "norm.bn_convention": "keras"}},
+        },
+    }
+    spec = spec_from_dict(doc)
+    twins = run_study(spec, tmp_path / "t", executor="serial", stream=None, momentum_twins=True)
+    alone = run_study(spec, tmp_path / "a", executor="serial", stream=None)
+    assert twins.ok and alone.ok
+    for seed in (0, 1):
+        runs = [tmp_path / "t" / "runs" / v / f"seed-{seed}" for v in ("correct", "never", "keras")]
+        shared = [json.loads((r / "summary.json").read_text()).get("shared_training") for r in runs]
+        assert [s["trained"] for s in shared[:2]] == [True, False]  # correct trains for never
+        assert shared[2] is None  # keras has another eps: it trains on its own
+        assert "not shared" not in (runs[2] / "train.log").read_text()
+        for v in ("correct", "never", "keras"):
+            _same_run(
+                tmp_path / "a" / "runs" / v / f"seed-{seed}",
+                tmp_path / "t" / "runs" / v / f"seed-{seed}",
+            )
+    write_report(tmp_path / "t")
+    md = (tmp_path / "t" / "report.md").read_text()
+    assert "| correct |" in md and "momentum twins (BN momenta 0.1, 0): trained here" in md
+    assert "momentum twins (BN momenta 0.1, 0): network trained by its twin" in md

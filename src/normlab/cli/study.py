@@ -75,6 +75,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         "executors; anything it cannot stack trains separately)",
     )
     p.add_argument(
+        "--momentum-twins",
+        action="store_true",
+        help="train the arms that differ only in BN momentum once per seed, each keeping its "
+        "own running statistics (they do not feed back into training): bit-identical to "
+        "separate runs; local and serial executors; anything else trains separately",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the runs and their state; run nothing"
     )
     p.add_argument(
@@ -160,6 +167,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     # the executor's name and --jobs are checked before anything runs, with --dry-run too
     executor = make_executor(args.executor, jobs=args.jobs, address=args.ray_address)
+    if args.stack_seeds and args.momentum_twins:
+        raise ConfigError("choose one of --stack-seeds and --momentum-twins")
     if args.dry_run:
         from normlab.study.runner import plan_only
 
@@ -179,6 +188,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             stream=stream,
             command=_command(),
             stack_seeds=args.stack_seeds,
+            momentum_twins=args.momentum_twins,
         )
     except KeyboardInterrupt:
         print(

@@ -136,8 +136,9 @@ def _adjusted(c: Comparison) -> str:
 
 def timing_table(analysis: Analysis) -> Table:
     """Per arm: wall time per run, training images/s per run, how the seeds were trained
-    (separately, or stacked: K seeds in one model, ``normlab.train.stacked``) and the arm's
-    total wall time, which counts a stacked group's shared time once."""
+    (separately; stacked: K seeds in one model, ``normlab.train.stacked``; or as momentum
+    twins, ``normlab.train.twins``) and the arm's total wall time, which counts shared training
+    once."""
     headers = [
         "arm",
         "wall time per run, s (mean ± sd)",
@@ -169,20 +170,41 @@ def _stack_of(run: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _twin_of(run: Any) -> dict[str, Any] | None:
+    shared = run.summary.get("shared_training")
+    return shared if isinstance(shared, dict) else None
+
+
 def _trained(runs: Sequence[Any]) -> str:
     groups = sorted({g for g in map(_stack_of, runs) if g is not None})
-    alone = sum(1 for r in runs if _stack_of(r) is None)
+    twins = [t for t in map(_twin_of, runs) if t is not None]
+    alone = sum(1 for r in runs if _stack_of(r) is None and _twin_of(r) is None)
     parts = [f"stacked: seeds {', '.join(map(str, g))}" for g in groups]
+    if twins:
+        took = sum(1 for t in twins if t.get("trained"))
+        momenta = sorted({m for t in twins for m in t.get("bn_momenta") or []}, reverse=True)
+        where = (
+            "trained here"
+            if took == len(twins)
+            else "network trained by its twin"
+            if took == 0
+            else f"{took} of {len(twins)} trained here"
+        )
+        parts.append(f"momentum twins (BN momenta {', '.join(f'{m:g}' for m in momenta)}): {where}")
     if alone:
         parts.append(f"{alone} separately" if groups else "separately")
     return "; ".join(parts) or "–"
 
 
 def _total_wall(runs: Sequence[Any]) -> float:
-    """Sum of the runs' wall times, a stacked group's (shared) time counted once."""
+    """Sum of the runs' wall times, a stacked group's (shared) time counted once, and a momentum
+    twin's shared training counted only in the run that trained (``normlab.train.twins``)."""
     total, shared = 0.0, dict[tuple[int, ...], float]()
     for r in runs:
         seconds = float(r.summary.get("wall_seconds") or 0.0)
+        twin = _twin_of(r)
+        if twin is not None and not twin.get("trained"):
+            seconds = max(0.0, seconds - float(twin.get("training_seconds") or 0.0))
         group = _stack_of(r)
         if group is None:
             total += seconds

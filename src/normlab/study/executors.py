@@ -67,10 +67,11 @@ class RunTask:
     loggers: tuple[str, ...] = ()  # normlab.engine.loggers specs (the study's ``log``)
     study: str = ""  # the study's name and directory (the loggers' tags and MLflow store)
     study_dir: str = ""
-    members: tuple[RunTask, ...] = ()  # a stacked task: these runs train together
+    members: tuple[RunTask, ...] = ()  # a shared task: these runs train together
+    shared: str = ""  # how the members train together: "stacked" | "twins" (see below)
 
     def run_keys(self) -> list[str]:
-        """The runs this task trains (its own key, or its members' for a stacked task)."""
+        """The runs this task trains (its own key, or its members' for a shared task)."""
         return [m.key for m in self.members] if self.members else [self.key]
 
 
@@ -79,7 +80,19 @@ def stacked_task(tasks: Sequence[RunTask]) -> RunTask:
     (:func:`normlab.train.stacked.fit_stacked`); it runs them one at a time when they cannot be
     stacked, and says why in their logs."""
     first = tasks[0]
-    return dataclasses.replace(first, key="+".join(t.key for t in tasks), members=tuple(tasks))
+    return dataclasses.replace(
+        first, key="+".join(t.key for t in tasks), members=tuple(tasks), shared="stacked"
+    )
+
+
+def twin_task(tasks: Sequence[RunTask]) -> RunTask:
+    """One task that trains ``tasks`` (arms that differ only in BN momentum, one seed) once
+    (:func:`normlab.train.twins.fit_twins`); it runs them one at a time when they cannot share
+    their training, and says why in their logs."""
+    first = tasks[0]
+    return dataclasses.replace(
+        first, key="+".join(t.key for t in tasks), members=tuple(tasks), shared="twins"
+    )
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,10 @@ def _output_to(path: Path) -> Iterator[None]:
 
 
 def execute_task(task: RunTask, events: Any = None) -> list[RunOutcome]:
-    """:func:`execute_run` for a plain task, :func:`execute_stacked` for a stacked one."""
+    """:func:`execute_run` for a plain task, :func:`execute_stacked` for a stacked one,
+    :func:`execute_twins` for momentum twins."""
+    if task.members and task.shared == "twins":
+        return execute_twins(task, events)
     if task.members:
         return execute_stacked(task, events)
     return [execute_run(task, events)]
@@ -188,11 +204,33 @@ def execute_stacked(task: RunTask, events: Any = None) -> list[RunOutcome]:
     (the reason is printed) run one after another with :func:`execute_run`."""
     from normlab.train.stacked import fit_stacked, stackable
 
+    return _execute_together(task, events, stackable, fit_stacked, "stacked", "stacked")
+
+
+def execute_twins(task: RunTask, events: Any = None) -> list[RunOutcome]:
+    """Train momentum twins (:func:`normlab.train.twins.fit_twins`) once; as
+    :func:`execute_stacked` otherwise."""
+    from normlab.train.twins import fit_twins, twinnable
+
+    return _execute_together(task, events, twinnable, fit_twins, "once with", "shared")
+
+
+def _execute_together(
+    task: RunTask,
+    events: Any,
+    check: Callable[[list[TrainConfig]], str | None],
+    train: Callable[..., Any],
+    how: str,
+    label: str,
+) -> list[RunOutcome]:
+    """Train ``task``'s members with ``train`` (``fit_stacked``, ``fit_twins``) when ``check``
+    allows it; ``how`` words the logs (``trains {how} …``), ``label`` the fallback (``not
+    {label} (why)``)."""
     members = list(task.members)
     configs = [_with_threads(m) for m in members]
-    why = stackable(configs)
+    why = check(configs)
     if why is not None or any(m.devices > 1 for m in members):
-        return _one_at_a_time(members, why or "multi-process runs", events)
+        return _one_at_a_time(members, why or "multi-process runs", events, label)
     dirs = [Path(m.run_dir) for m in members]
     log = dirs[0] / RUN_LOG
     try:
@@ -203,17 +241,17 @@ def execute_stacked(task: RunTask, events: Any = None) -> list[RunOutcome]:
                 with open(d / RUN_LOG, "a", encoding="utf-8") as fh:
                     fh.write(
                         f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {m.key} trains "
-                        f"stacked with {', '.join(x.key for x in members)}; see {log}\n"
+                        f"{how} {', '.join(x.key for x in members)}; see {log}\n"
                     )
             held.enter_context(_output_to(log))
             print(
-                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: stacked "
+                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {how} "
                 f"{', '.join(m.key for m in members)}"
             )
             callbacks = [[_info_callback(m, events), *_loggers(m)] for m in members]
-            results = fit_stacked(configs, dirs, callbacks=callbacks, verbose=True)
+            results = train(configs, dirs, callbacks=callbacks, verbose=True)
     except ConfigError as exc:
-        return _one_at_a_time(members, str(exc), events)
+        return _one_at_a_time(members, str(exc), events, label)
     except KeyboardInterrupt:
         return [
             RunOutcome(m.key, "interrupted", "interrupted (KeyboardInterrupt)") for m in members
@@ -230,12 +268,14 @@ def execute_stacked(task: RunTask, events: Any = None) -> list[RunOutcome]:
     ]
 
 
-def _one_at_a_time(members: Sequence[RunTask], why: str, events: Any) -> list[RunOutcome]:
+def _one_at_a_time(
+    members: Sequence[RunTask], why: str, events: Any, label: str
+) -> list[RunOutcome]:
     outcomes = []
     for m in members:
         Path(m.run_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(m.run_dir) / RUN_LOG, "a", encoding="utf-8") as fh:
-            fh.write(f"--- not stacked ({why}): trained on its own\n")
+            fh.write(f"--- not {label} ({why}): trained on its own\n")
         outcomes.append(execute_run(m, events))
         if outcomes[-1].status == "interrupted":
             break

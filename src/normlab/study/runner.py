@@ -46,6 +46,7 @@ from normlab.study.executors import (
     failure_reason,
     make_executor,
     stacked_task,
+    twin_task,
 )
 from normlab.study.layout import LOCK_FILE, STATE_FILE, STUDY_FILE
 from normlab.study.plan import RunSpec, StudyPlan, plan_study, saved_flips
@@ -421,6 +422,7 @@ def run_study(
     live: bool | None = None,
     command: str | None = None,
     stack_seeds: bool = False,
+    momentum_twins: bool = False,
 ) -> StudyResult:
     """Run (or resume) every run of ``spec`` in the study directory ``out``.
 
@@ -433,10 +435,16 @@ def run_study(
     is a terminal). ``stack_seeds``: train each arm's pending seeds together as one stacked
     task (:mod:`normlab.train.stacked`: faster at batches up to 8 on a CPU; not
     bit-identical to separate runs, see its docs for the measured tolerance) where the executor
-    supports it. Failed and diverged runs are recorded with their reason and do not stop the
+    supports it. ``momentum_twins``: train the arms of a group that differ only in
+    ``norm.bn_momentum`` once per seed (:mod:`normlab.train.twins`: bit-identical to separate
+    runs; not with ``stack_seeds``). Failed and diverged runs are recorded with their reason and do not stop the
     others. Raises ConfigError on a bad spec or a directory that holds other settings.
     """
     out = Path(out)
+    if stack_seeds and momentum_twins:
+        raise ConfigError(
+            "choose one of stack_seeds (--stack-seeds) and momentum_twins (--momentum-twins)"
+        )
     ex = (
         make_executor(executor, jobs=jobs, address=ray_address)
         if isinstance(executor, str)
@@ -451,6 +459,7 @@ def run_study(
                 "resolved_runtime": dict(plan.runtime),
                 "probes_not_available": list(plan.probes_dropped),
                 **({"stack_seeds": True} if stack_seeds else {}),
+                **({"momentum_twins": True} if momentum_twins else {}),
             },
         )
         old = out / STUDY_FILE
@@ -496,14 +505,15 @@ def run_study(
                     )
                     for r in todo
                 ]
-                if stack_seeds and getattr(ex, "stacks", False):
-                    tasks = _stacked(tasks, todo)
+                shared = "--stack-seeds" if stack_seeds else "--momentum-twins"
+                if (stack_seeds or momentum_twins) and getattr(ex, "stacks", False):
+                    tasks = _stacked(tasks, todo) if stack_seeds else _twinned(tasks, todo)
                     threads = ex.threads_per_run(len(tasks))
                     tasks = [_threads(t, threads) for t in tasks]
-                elif stack_seeds:
+                elif stack_seeds or momentum_twins:
                     progress.message(
                         f"note: the {ex.name} executor trains each run on its own "
-                        "(--stack-seeds is for the local and serial executors)"
+                        f"({shared} is for the local and serial executors)"
                     )
                 ex.run(tasks, hooks)
         except KeyboardInterrupt:
@@ -553,6 +563,33 @@ def _stacked(tasks: list[RunTask], todo: Sequence[RunSpec]) -> list[RunTask]:
         else:
             members = arms[item]
             out.append(members[0] if len(members) == 1 else stacked_task(members))
+    return out
+
+
+def _twinned(tasks: list[RunTask], todo: Sequence[RunSpec]) -> list[RunTask]:
+    """Per (group, seed), the single-process pending runs whose configs differ only in
+    ``norm.bn_momentum`` as one twin task (in plan order of its first member); the others keep
+    their plain tasks."""
+    families: dict[str, list[RunTask]] = {}
+    order: list[str | RunTask] = []
+    for task, run in zip(tasks, todo, strict=True):
+        if run.devices > 1:
+            order.append(task)
+            continue
+        d = config_to_dict(run.config)
+        d["norm"].pop("bn_momentum", None)
+        key = json.dumps([run.group, d], sort_keys=True, default=str)
+        if key not in families:
+            families[key] = []
+            order.append(key)
+        families[key].append(task)
+    out: list[RunTask] = []
+    for item in order:
+        if isinstance(item, RunTask):
+            out.append(item)
+        else:
+            members = families[item]
+            out.append(members[0] if len(members) == 1 else twin_task(members))
     return out
 
 

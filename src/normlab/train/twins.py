@@ -11,7 +11,9 @@ with that run's buffers and momentum (its output discarded). The buffers are the
 what the run trained on its own would hold. After every epoch the network, optimizer,
 schedule and data-order state are copied into each run, with its own statistics, and each run
 is evaluated, probed and checkpointed exactly as ``fit`` does; a twin's checkpoint is an
-ordinary one and resumes with ``fit``.
+ordinary one and resumes with ``fit``. Every member's summary records ``shared_training``:
+the momenta trained together, whether this run took the steps (``trained``), the run that
+did, and the shared training seconds (which a report counts once).
 
 Bit-identical to training each run on its own (the tests compare every tensor, metric row and
 prediction), so ``normlab study --momentum-twins`` needs no tolerance. Refused
@@ -20,8 +22,7 @@ more than ``norm.bn_momentum``, models whose normalization layers are not plain 
 with a momentum (a layer such as Batch Renormalization reads its running statistics while
 training; a momentum of None, PyTorch's cumulative average, is not shared here), models
 whose initial weights differ, several processes, ``runtime.compile``, callbacks that act per
-step (they would observe the first run only), and checkpoints at different epochs. Each run's
-summary records ``shared_training`` (the momenta trained together, and which run trained).
+step (they would observe the first run only), and checkpoints at different epochs.
 """
 
 from __future__ import annotations
@@ -252,12 +253,14 @@ def _write_back(source: RunLoop, twins: Sequence[RunLoop], shadows: _Shadows) ->
 def _train(loops: Sequence[RunLoop]) -> None:
     source, twins = loops[0], list(loops[1:])
     momenta = [lp.config.norm.bn_momentum for lp in loops]
-    source.extra_summary["shared_training"] = {"bn_momenta": momenta, "trained": True}
-    for lp in twins:
+    before = (source.run.read_summary() or {}).get("shared_training") or {}
+    training_seconds = float(before.get("training_seconds") or 0.0)  # of earlier invocations
+    for lp in loops:
         lp.extra_summary["shared_training"] = {
             "bn_momenta": momenta,
-            "trained": False,
+            "trained": lp is source,  # the others' networks are copies of the first's
             "trained_by": str(source.run.path),
+            "training_seconds": training_seconds,
         }
     shadows = _Shadows(source.s.model, [lp.s.model for lp in twins])
     try:
@@ -281,6 +284,11 @@ def _train(loops: Sequence[RunLoop]) -> None:
                         lp.diverged(epoch, diverged_at)
                     break
                 _write_back(source, twins, shadows)
+                training_seconds += float(row["seconds"])
+                for lp in loops:
+                    lp.extra_summary["shared_training"]["training_seconds"] = round(
+                        training_seconds, 3
+                    )
                 for lp in loops:
                     lp.end_epoch(epoch, dict(row))
             else:
