@@ -8,6 +8,7 @@
 #   bash docs/findings/run.sh placement l2    # some of them
 #   bash docs/findings/run.sh ladders/batch-size   # a budget ladder (specs/ladders/, issue 15)
 #   STUDY_ARGS=--stack-seeds bash docs/findings/run.sh ladders/batch-size   # seeds stacked at batch 8
+#   STUDY_ARGS=--momentum-twins bash docs/findings/run.sh ladders/train-mode   # momentum twins trained once
 set -euo pipefail
 NORMLAB=${NORMLAB:-normlab}
 studies=("$@")
