@@ -16,7 +16,8 @@ the momenta trained together, whether this run took the steps (``trained``), the
 did, and the shared training seconds (which a report counts once).
 
 Bit-identical to training each run on its own (the tests compare every tensor, metric row and
-prediction), so ``normlab study --momentum-twins`` needs no tolerance. Refused
+prediction, on the CPU; on a GPU it holds as far as the BN kernel is deterministic), so
+``normlab study --momentum-twins`` needs no tolerance. Refused
 (:class:`~normlab.errors.ConfigError`, before anything is trained): configs that differ in
 more than ``norm.bn_momentum``, models whose normalization layers are not plain BatchNorm
 with a momentum (a layer such as Batch Renormalization reads its running statistics while
