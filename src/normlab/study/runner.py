@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -545,51 +545,48 @@ def run_study(
 def _stacked(tasks: list[RunTask], todo: Sequence[RunSpec]) -> list[RunTask]:
     """Each (group, variant)'s single-process pending runs as one stacked task (in plan
     order); an arm with one pending run keeps its plain task."""
-    arms: dict[tuple[str | None, str], list[RunTask]] = {}
-    order: list[tuple[str | None, str] | RunTask] = []
-    for task, run in zip(tasks, todo, strict=True):
-        if run.devices > 1:
-            order.append(task)
-            continue
-        arm = (run.group, run.variant)
-        if arm not in arms:
-            arms[arm] = []
-            order.append(arm)
-        arms[arm].append(task)
-    out: list[RunTask] = []
-    for item in order:
-        if isinstance(item, RunTask):
-            out.append(item)
-        else:
-            members = arms[item]
-            out.append(members[0] if len(members) == 1 else stacked_task(members))
-    return out
+    return _together(tasks, todo, lambda run: repr((run.group, run.variant)), stacked_task)
 
 
 def _twinned(tasks: list[RunTask], todo: Sequence[RunSpec]) -> list[RunTask]:
     """Per (group, seed), the single-process pending runs whose configs differ only in
     ``norm.bn_momentum`` as one twin task (in plan order of its first member); the others keep
     their plain tasks."""
+
+    def family(run: RunSpec) -> str:
+        d = config_to_dict(run.config)
+        d["norm"].pop("bn_momentum", None)
+        return json.dumps([run.group, d], sort_keys=True, default=str)
+
+    return _together(tasks, todo, family, twin_task)
+
+
+def _together(
+    tasks: list[RunTask],
+    todo: Sequence[RunSpec],
+    key: Callable[[RunSpec], str],
+    make: Callable[[Sequence[RunTask]], RunTask],
+) -> list[RunTask]:
+    """The single-process tasks with the same ``key`` as one task ``make(members)``, placed
+    where the first member was; multi-process runs and lone members keep their own tasks."""
     families: dict[str, list[RunTask]] = {}
     order: list[str | RunTask] = []
     for task, run in zip(tasks, todo, strict=True):
         if run.devices > 1:
             order.append(task)
             continue
-        d = config_to_dict(run.config)
-        d["norm"].pop("bn_momentum", None)
-        key = json.dumps([run.group, d], sort_keys=True, default=str)
-        if key not in families:
-            families[key] = []
-            order.append(key)
-        families[key].append(task)
+        k = key(run)
+        if k not in families:
+            families[k] = []
+            order.append(k)
+        families[k].append(task)
     out: list[RunTask] = []
     for item in order:
         if isinstance(item, RunTask):
             out.append(item)
         else:
             members = families[item]
-            out.append(members[0] if len(members) == 1 else twin_task(members))
+            out.append(members[0] if len(members) == 1 else make(members))
     return out
 
 

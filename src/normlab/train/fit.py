@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from normlab.engine.distributed import (
 )
 from normlab.engine.evaluate import evaluate_with_predictions
 from normlab.engine.state import FitState
+from normlab.errors import ConfigError
 from normlab.store import (
     FINISHED,
     STATUS_COMPLETED,
@@ -86,6 +87,57 @@ def fit(
         return loop.finished
     train_one(loop)
     return loop.result()
+
+
+def fit_together(
+    configs: Sequence[TrainConfig],
+    outs: Sequence[str | Path],
+    *,
+    callbacks: Sequence[Sequence[Callback]] | None,
+    data: DataBundle | None,
+    verbose: bool,
+    shares_data: Callable[[TrainConfig, TrainConfig], bool],
+    check: Callable[[Sequence[RunLoop]], None],
+    train: Callable[[Sequence[RunLoop]], None],
+) -> list[RunResult]:
+    """The driver of :func:`~normlab.train.stacked.fit_stacked` and
+    :func:`~normlab.train.twins.fit_twins`: open (or resume) one :class:`RunLoop` per config,
+    reusing the first run's data where ``shares_data(first, config)``; ``check`` the unfinished
+    loops (ConfigError: before anything is trained) and ``train`` them together, or train a
+    lone unfinished one as ``fit`` would. Returns every run's result, in order."""
+    if len(configs) != len(outs):
+        raise ConfigError(f"{len(configs)} configs but {len(outs)} run directories")
+    per_run = list(callbacks) if callbacks is not None else [[] for _ in configs]
+    loops: list[RunLoop] = []
+    shared = data
+    for config, out, cbs in zip(configs, outs, per_run, strict=True):
+        loop = RunLoop(config, out=out, resume=True, callbacks=cbs, data=shared, verbose=verbose)
+        loops.append(loop)
+        if loop.finished is None and shares_data(configs[0], config):
+            shared = loop.s.data  # the same split: build the images once
+    active = [lp for lp in loops if lp.finished is None]
+    if len(active) >= 2:
+        check(active)
+        train(active)
+    elif active:  # one left: nothing to train it with
+        train_one(active[0])
+    return [lp.result() for lp in loops]
+
+
+def together_refusal(loops: Sequence[RunLoop], steps_seen_by: str) -> str | None:
+    """What stops ``loops`` training together in one process, whatever the way: checkpoints at
+    different epochs, a process group, or a callback that acts per step (``steps_seen_by``
+    says why it would miss steps). None when nothing does."""
+    starts = {lp.progress.start_epoch for lp in loops}
+    if len(starts) != 1:
+        return f"their checkpoints are at different epochs ({sorted(s - 1 for s in starts)})"
+    if loops[0].dctx.enabled:
+        return "several processes (a process group)"
+    for lp in loops:
+        for cb in lp.callbacks:
+            if type(cb).on_step_end is not Callback.on_step_end:
+                return f"callback {type(cb).__name__} acts after every step, and {steps_seen_by}"
+    return None
 
 
 def train_one(loop: RunLoop) -> None:

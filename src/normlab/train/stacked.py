@@ -49,7 +49,7 @@ from normlab.engine.callbacks import Callback
 from normlab.engine.optim import build_scheduler
 from normlab.errors import ConfigError
 from normlab.models.stack import StackError, copy_view, stack_verified, unstack_into
-from normlab.train.fit import RunLoop, RunResult, train_one
+from normlab.train.fit import RunLoop, RunResult, fit_together, together_refusal
 
 __all__ = ["MAX_BATCH", "fit_stacked", "stackable"]
 
@@ -106,51 +106,30 @@ def fit_stacked(
     i (epoch-level methods only). Raises ConfigError, before anything is trained, when the runs
     cannot be stacked (see the module docs); the caller can then train them one at a time.
     """
-    if len(configs) != len(outs):
-        raise ConfigError(f"{len(configs)} configs but {len(outs)} run directories")
     why = stackable(configs)
     if why is not None:
         raise ConfigError(f"these runs cannot train stacked: {why}")
-    per_run = list(callbacks) if callbacks is not None else [[] for _ in configs]
-    loops: list[RunLoop] = []
-    shared = data
-    for config, out, cbs in zip(configs, outs, per_run, strict=True):
-        loop = RunLoop(config, out=out, resume=True, callbacks=cbs, data=shared, verbose=verbose)
-        loops.append(loop)
-        if loop.finished is None and config.data.split_seed_for(config.seed) == (
-            configs[0].data.split_seed_for(configs[0].seed)
-        ):
-            shared = loop.s.data  # the same split: build the images once
-    active = [lp for lp in loops if lp.finished is None]
-    if len(active) >= 2:
-        _check_active(active)
-        _train(active)
-    elif active:  # one left: nothing to stack it with
-        train_one(active[0])
-    return [lp.result() for lp in loops]
+    return fit_together(
+        configs,
+        outs,
+        callbacks=callbacks,
+        data=data,
+        verbose=verbose,
+        shares_data=lambda a, b: a.data.split_seed_for(a.seed) == b.data.split_seed_for(b.seed),
+        check=_check_active,
+        train=_train,
+    )
 
 
 def _check_active(loops: Sequence[RunLoop]) -> None:
-    starts = {lp.progress.start_epoch for lp in loops}
-    if len(starts) != 1:
-        raise ConfigError(
-            f"these runs cannot train stacked: their checkpoints are at different epochs "
-            f"({sorted(s - 1 for s in starts)}); resume them one at a time"
-        )
+    why = together_refusal(loops, "the runs' own models only see the end of each epoch")
+    if why is not None:
+        raise ConfigError(f"these runs cannot train stacked: {why}")
     if loops[0].s.runtime.device.type != "cpu":
         raise ConfigError(
             f"these runs cannot train stacked: they run on {loops[0].s.runtime.device}, and "
             "stacking is measured on the CPU only"
         )
-    if loops[0].dctx.enabled:
-        raise ConfigError("these runs cannot train stacked: several processes (a process group)")
-    for lp in loops:
-        for cb in lp.callbacks:
-            if type(cb).on_step_end is not Callback.on_step_end:
-                raise ConfigError(
-                    f"these runs cannot train stacked: callback {type(cb).__name__} acts after "
-                    "every step, and the runs' own models only see the end of each epoch"
-                )
 
 
 class _Stack:

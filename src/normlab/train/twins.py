@@ -43,7 +43,7 @@ from normlab.data import DataBundle
 from normlab.engine.callbacks import Callback
 from normlab.errors import ConfigError
 from normlab.train.epoch import train_epoch
-from normlab.train.fit import RunLoop, RunResult, train_one
+from normlab.train.fit import RunLoop, RunResult, fit_together, together_refusal
 
 __all__ = ["fit_twins", "twinnable"]
 
@@ -86,44 +86,25 @@ def fit_twins(
     i (epoch-level methods only). Raises ConfigError, before anything is trained, when the runs
     cannot share their training; the caller can then train them one at a time.
     """
-    if len(configs) != len(outs):
-        raise ConfigError(f"{len(configs)} configs but {len(outs)} run directories")
     why = twinnable(configs)
     if why is not None:
         raise ConfigError(f"these runs cannot share their training: {why}")
-    per_run = list(callbacks) if callbacks is not None else [[] for _ in configs]
-    loops: list[RunLoop] = []
-    shared = data
-    for config, out, cbs in zip(configs, outs, per_run, strict=True):
-        loop = RunLoop(config, out=out, resume=True, callbacks=cbs, data=shared, verbose=verbose)
-        loops.append(loop)
-        if loop.finished is None:
-            shared = loop.s.data  # the same config but momentum: the same split and images
-    active = [lp for lp in loops if lp.finished is None]
-    if len(active) >= 2:
-        _check_active(active)
-        _train(active)
-    elif active:
-        train_one(active[0])
-    return [lp.result() for lp in loops]
+    return fit_together(
+        configs,
+        outs,
+        callbacks=callbacks,
+        data=data,
+        verbose=verbose,
+        shares_data=lambda a, b: True,  # equal but for the momentum: the same split and images
+        check=_check_active,
+        train=_train,
+    )
 
 
 def _check_active(loops: Sequence[RunLoop]) -> None:
-    def refuse(why: str) -> ConfigError:
-        return ConfigError(f"these runs cannot share their training: {why}")
-
-    starts = {lp.progress.start_epoch for lp in loops}
-    if len(starts) != 1:
-        raise refuse(f"their checkpoints are at different epochs ({sorted(s - 1 for s in starts)})")
-    if loops[0].dctx.enabled:
-        raise refuse("several processes (a process group)")
-    for lp in loops:
-        for cb in lp.callbacks:
-            if type(cb).on_step_end is not Callback.on_step_end:
-                raise refuse(
-                    f"callback {type(cb).__name__} acts after every step, and only the first "
-                    "run's model takes the steps"
-                )
+    why = together_refusal(loops, "only the first run's model takes the steps")
+    if why is not None:
+        raise ConfigError(f"these runs cannot share their training: {why}")
     first = loops[0].s.model
     for lp in loops[1:]:
         _check_same_network(first, lp.s.model)
