@@ -200,6 +200,13 @@ class RuntimeConfig:
         _check(self.dist_timeout > 0, "runtime.dist_timeout", "> 0 seconds", self.dist_timeout)
 
 
+def validates(epoch: int, eval_every: int, epochs: int) -> bool:
+    """Whether the end of ``epoch`` (1-based) of an ``epochs``-epoch run validates: every
+    ``eval_every``-th epoch and always the last, so a run's final accuracy and predictions
+    never depend on ``eval_every``."""
+    return epoch % eval_every == 0 or epoch >= epochs
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run. Equal configs give equal metrics."""
@@ -243,9 +250,8 @@ class TrainConfig:
         )
 
     def evaluates(self, epoch: int) -> bool:
-        """Whether the end of ``epoch`` (1-based) validates: every ``eval_every``-th epoch and
-        always the last, so a run's final accuracy and predictions never depend on it."""
-        return epoch % self.eval_every == 0 or epoch >= self.epochs
+        """Whether the end of ``epoch`` (1-based) validates (:func:`validates`)."""
+        return validates(epoch, self.eval_every, self.epochs)
 
 
 # --------------------------------------------------------------------------------------------

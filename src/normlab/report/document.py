@@ -8,7 +8,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from normlab.config import config_to_dict
+from normlab.config import config_to_dict, validates
 from normlab.data import SPLIT_SEED_RUN
 from normlab.report.analysis import Analysis, analyze
 from normlab.report.budgets import Ladder, ladders
@@ -328,5 +328,7 @@ def _validated_rows(run: RunRecord) -> list[dict[str, Any]]:
     """The metrics rows of the epochs the run validated (every epoch unless its config has
     ``eval_every``: then every N-th and the last)."""
     every = int(run.config.get("eval_every") or 1)
-    last = int(run.config.get("epochs") or 0)
-    return [r for r in run.rows if int(r.get("epoch", 0)) % every == 0 or r.get("epoch") == last]
+    epochs = int(run.config.get("epochs") or 0) or max(
+        (int(r.get("epoch", 0)) for r in run.rows), default=0
+    )
+    return [r for r in run.rows if validates(int(r.get("epoch", 0)), every, epochs)]

@@ -79,20 +79,19 @@ def stacked_task(tasks: Sequence[RunTask]) -> RunTask:
     """One task that trains ``tasks`` (seeds of one configuration) stacked
     (:func:`normlab.train.stacked.fit_stacked`); it runs them one at a time when they cannot be
     stacked, and says why in their logs."""
-    first = tasks[0]
-    return dataclasses.replace(
-        first, key="+".join(t.key for t in tasks), members=tuple(tasks), shared="stacked"
-    )
+    return _shared_task(tasks, "stacked")
 
 
 def twin_task(tasks: Sequence[RunTask]) -> RunTask:
     """One task that trains ``tasks`` (arms that differ only in BN momentum, one seed) once
     (:func:`normlab.train.twins.fit_twins`); it runs them one at a time when they cannot share
     their training, and says why in their logs."""
-    first = tasks[0]
-    return dataclasses.replace(
-        first, key="+".join(t.key for t in tasks), members=tuple(tasks), shared="twins"
-    )
+    return _shared_task(tasks, "twins")
+
+
+def _shared_task(tasks: Sequence[RunTask], shared: str) -> RunTask:
+    key = "+".join(t.key for t in tasks)
+    return dataclasses.replace(tasks[0], key=key, members=tuple(tasks), shared=shared)
 
 
 @dataclass(frozen=True)

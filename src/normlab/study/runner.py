@@ -553,10 +553,10 @@ def _twinned(tasks: list[RunTask], todo: Sequence[RunSpec]) -> list[RunTask]:
     ``norm.bn_momentum`` as one twin task (in plan order of its first member); the others keep
     their plain tasks."""
 
+    from normlab.train.twins import without_momentum
+
     def family(run: RunSpec) -> str:
-        d = config_to_dict(run.config)
-        d["norm"].pop("bn_momentum", None)
-        return json.dumps([run.group, d], sort_keys=True, default=str)
+        return json.dumps([run.group, without_momentum(run.config)], sort_keys=True, default=str)
 
     return _together(tasks, todo, family, twin_task)
 

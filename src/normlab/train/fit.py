@@ -5,9 +5,10 @@
 after every N-th and the last), and keeps a run directory (see :mod:`normlab.store.run`) up to
 date: a metrics row and an atomic checkpoint after every epoch, the per-image validation
 predictions (final and best epoch) after every validated one, ``summary.json`` with the
-status. ``fit(..., resume=True)`` continues an interrupted run from its last checkpoint and produces the same metrics an uninterrupted run would (same model,
-optimizer, scheduler, data-order and augmentation RNG states; on the same machine and thread
-count the numbers are bit-identical).
+status. ``fit(..., resume=True)`` continues an interrupted run from its last checkpoint and
+produces the same metrics an uninterrupted run would (same model, optimizer, scheduler,
+data-order and augmentation RNG states; on the same machine and thread count the numbers are
+bit-identical).
 
 Setup (:mod:`normlab.train.setup`), one epoch (:mod:`normlab.train.epoch`) and evaluation
 (:mod:`normlab.engine.evaluate`) live in their own modules; this one is the loop.

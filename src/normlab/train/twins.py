@@ -45,13 +45,14 @@ from normlab.errors import ConfigError
 from normlab.train.epoch import train_epoch
 from normlab.train.fit import RunLoop, RunResult, fit_together, together_refusal
 
-__all__ = ["fit_twins", "twinnable"]
+__all__ = ["fit_twins", "twinnable", "without_momentum"]
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _without_momentum(config: TrainConfig) -> dict[str, Any]:
+def without_momentum(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as a plain dict without ``norm.bn_momentum``: equal for momentum twins."""
     d = config_to_dict(config)
     d["norm"].pop("bn_momentum", None)
     return d
@@ -62,8 +63,8 @@ def twinnable(configs: Sequence[TrainConfig]) -> str | None:
     models are checked when they are built)."""
     if len(configs) < 2:
         return "fewer than two runs"
-    first = _without_momentum(configs[0])
-    if any(_without_momentum(c) != first for c in configs[1:]):
+    first = without_momentum(configs[0])
+    if any(without_momentum(c) != first for c in configs[1:]):
         return "the runs differ in more than norm.bn_momentum"
     if configs[0].runtime.compile:
         return "runtime.compile is on"
