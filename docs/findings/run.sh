@@ -15,10 +15,13 @@ studies=("$@")
 [ ${#studies[@]} -eq 0 ] && studies=(train-mode placement l2 l2-lsuv no-norm-resnet batch-size batch-size-shift batch-size-mobilenetv2)
 for name in "${studies[@]}"; do
   out=studies/findings/$name
+  # finished runs a previous machine recorded in docs/findings/progress/ (progress.py)
+  [ -d "docs/findings/progress/$name" ] && python3 docs/findings/progress.py restore "$name"
   start=$(date +%s)
   # shellcheck disable=SC2086  # STUDY_ARGS: extra options, e.g. STUDY_ARGS=--stack-seeds
   $NORMLAB study "docs/findings/specs/$name.yaml" --out "$out" --quiet ${STUDY_ARGS:-}
   end=$(date +%s)
+  python3 docs/findings/progress.py save "$name"
   dest=docs/findings/$name
   rm -rf "$dest" && mkdir -p "$dest"
   cp -r "$out/report.md" "$out/results.csv" "$out/study.yaml" "$out/figures" "$dest/"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The four budget ladders of issue 15 on a 2-core machine, in the compute plan's order
 # (docs/findings.md, "Budget ladders"): one core runs the batch-size ladder (batch 8 stacked),
-# the other l2, then train-mode (momentum twins trained once), then placement. Each study
+# the other train-mode (momentum twins trained once), then l2, then placement. Each study
 # resumes where it stopped, so rerun this after any interruption; each finished ladder's report
 # is copied to docs/findings/ladders/NAME/ by run.sh. Run from the repository root.
 #   bash docs/findings/run_ladders.sh            # both lanes, pinned to cores 0 and 1 (taskset)
@@ -21,5 +21,5 @@ lane() {  # lane CORE NAME:ARGS ...
   done
 }
 lane 0 "batch-size:--stack-seeds --jobs 1" &
-lane 1 "l2:--jobs 1" "train-mode:--momentum-twins --jobs 1" "placement:--jobs 1" &
+lane 1 "train-mode:--momentum-twins --jobs 1" "l2:--jobs 1" "placement:--jobs 1" &
 wait
