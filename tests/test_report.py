@@ -271,3 +271,17 @@ def test_the_report_names_extra_pairs_in_its_heading(study_dir, tmp_path):
     assert "## Comparisons with the baseline and other pairs" in md
     assert "| group | variant − reference |" in md
     assert "| bn − gn | final |" in md
+
+
+def test_runs_from_several_machines_are_named_and_their_wall_times_flagged(study_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(study_dir, copy)
+    md = write_report(copy)["markdown"].read_text()
+    assert "different machines" not in md  # one machine made them all
+    cfg = yaml.safe_load((copy / "runs" / "gn" / "seed-1" / "config.yaml").read_text())
+    assert cfg["meta"]["cpu"].endswith("cores)")  # every run records the CPU it ran on
+    cfg["meta"]["cpu"] = "Other CPU (AVX2, 2 cores)"  # a run carried over from another machine
+    (copy / "runs" / "gn" / "seed-1" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    md = write_report(copy)["markdown"].read_text()
+    assert "runs were made on 2 different machines" in md
+    assert "Other CPU (AVX2, 2 cores)" in md and "compare wall times within one machine" in md

@@ -60,6 +60,19 @@ class ReportDocument:
     ladders: list[Ladder] = field(default_factory=list)  # a study with budgets (report.budgets)
 
 
+def run_machines(study: StudyData) -> list[str]:
+    """The distinct machines the study's runs were made on, as ``host (CPU)`` from each run's
+    saved meta (``cpu`` where recorded, else the architecture), sorted."""
+    found = set()
+    for r in study.runs:
+        meta = (r.config or {}).get("meta") or {}
+        if meta:
+            found.add(
+                f"{meta.get('host') or '?'} ({meta.get('cpu') or meta.get('machine') or '?'})"
+            )
+    return sorted(found)
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -270,6 +283,12 @@ def build_document(study: StudyData) -> ReportDocument:
     if len(shas) > 1:
         warnings.append(
             f"runs were made from {len(shas)} different code versions: {', '.join(shas)}"
+        )
+    machines = run_machines(study)
+    if len(machines) > 1:
+        warnings.append(
+            f"runs were made on {len(machines)} different machines ({'; '.join(machines)}): "
+            "compare wall times within one machine only"
         )
     for arm in analysis.arms:
         lost = arm.count("diverged")

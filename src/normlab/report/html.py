@@ -115,7 +115,7 @@ Reproduce or resume: <code>normlab study {{ study_file }}</code></p>
 <h2>Provenance</h2>
 <table>
 <tr><th>git SHA</th><td>{{ doc.git_shas|join(", ") or meta.git_sha or "?" }}</td></tr>
-<tr><th>host</th><td>{{ meta.host or "?" }} ({{ meta.machine or "?" }})</td></tr>
+<tr><th>host</th><td>{{ meta.host or "?" }} ({{ meta.cpu or meta.machine or "?" }})</td></tr>
 <tr><th>executor</th><td>{{ meta.executor or "?" }}</td></tr>
 {% for name, version in doc.versions.items() %}<tr><th>{{ name }}</th><td>{{ version }}</td></tr>
 {% endfor %}</table>
@@ -139,7 +139,7 @@ def render_html(doc: ReportDocument) -> str:
     ]
     meta = {
         k: doc.study.meta.get(k)
-        for k in ("command", "created", "git_sha", "host", "machine", "executor")
+        for k in ("command", "created", "git_sha", "host", "machine", "cpu", "executor")
     }
     return template.render(
         doc=doc,

@@ -99,7 +99,9 @@ def render_markdown(doc: ReportDocument, figure_paths: dict[str, str]) -> str:
     out += [doc.base_config_yaml.rstrip(), "```", "", "Study specification (study.yaml):", ""]
     out += ["```yaml", doc.spec_yaml.rstrip(), "```", "", "## Provenance", ""]
     out.append(f"- git SHA: {', '.join(doc.git_shas) or meta.get('git_sha') or '?'}")
-    out.append(f"- host: {meta.get('host') or '?'} ({meta.get('machine') or '?'})")
+    out.append(
+        f"- host: {meta.get('host') or '?'} ({meta.get('cpu') or meta.get('machine') or '?'})"
+    )
     out.append(f"- executor: {meta.get('executor') or '?'}")
     for name, version in doc.versions.items():
         out.append(f"- {name} {version}")

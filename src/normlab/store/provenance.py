@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -38,8 +39,29 @@ def git_sha() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
+def cpu_description() -> str:
+    """The CPU as this process sees it: model name (``/proc/cpuinfo`` where there is one, else
+    :func:`platform.processor`), the vector instructions PyTorch's CPU kernels use here
+    (``torch.backends.cpu.get_cpu_capability``) and the cores this process may run on, e.g.
+    ``"Intel(R) Xeon(R) Processor (AVX512, 2 cores)"``. Wall times are only comparable on
+    the same description: machines of one name differ in exactly these."""
+    model = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 0
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {cores} cores)"
+
+
 def run_meta() -> dict[str, Any]:
-    """normlab, torch and Python versions, git SHA, host, time and the command line."""
+    """normlab, torch and Python versions, git SHA, host, CPU, time and the command line."""
     return {
         "normlab_version": normlab.__version__,
         "torch_version": str(torch.__version__),
@@ -47,6 +69,7 @@ def run_meta() -> dict[str, Any]:
         "git_sha": git_sha(),
         "host": platform.node(),
         "machine": platform.machine(),
+        "cpu": cpu_description(),
         "created": datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
