@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 FINAL = ("completed", "diverged")  # normlab.study.runner.FINAL
-SKIP_SUFFIXES = (".pt", ".tmp")  # checkpoints and rank buffers; half-written files
+SKIP_SUFFIXES = (".pt", ".tmp", ".lock")  # checkpoints, rank buffers; half-written files; locks
 
 
 def _finished(run_dir: Path) -> bool:
