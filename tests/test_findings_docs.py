@@ -58,7 +58,10 @@ def test_the_ladder_specs_extend_the_findings_with_the_rungs_issue_15_asks_for()
         assert spec.name == f"ladder-{name}" and len(spec.seeds) >= 6
         assert [b.name for b in spec.budgets][:2] == ["x1", "x4"]
         for g in spec.group_names:
-            assert spec.arm_config(g, spec.baseline).data.limit_val == 10000
+            arm = spec.arm_config(g, spec.baseline)
+            assert arm.data.limit_val == 10000
+            # the same arithmetic on every session's machine (auto is bf16 where AMX is)
+            assert arm.runtime.precision == "fp32"
     bs = ladders["batch-size"]
     assert [b.name for b in bs.budgets] == ["x1", "x4", "x16"]
     assert sorted({bs.arm_config(g, "gn").batch_size for g in bs.group_names}) == [8, 32, 128]

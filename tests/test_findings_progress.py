@@ -54,10 +54,13 @@ def test_finished_runs_survive_a_new_machine_and_unfinished_ones_are_trained(tmp
     record = old / "docs" / "findings" / "progress" / "ladders" / "s"
     assert not list(record.rglob("*.pt"))  # no checkpoints in git
     assert not (record / "runs" / "gn" / "seed-1").exists()
+    # the study's settled decisions travel too: a new machine must not re-decide them
+    assert (record / "study.yaml").read_bytes() == (study / "study.yaml").read_bytes()
 
     shutil.copytree(old / "docs", new / "docs")  # a fresh clone: the record only
     assert progress.restore("ladders/s", new) == 3
     carried = new / "studies" / "findings" / "ladders" / "s"
+    assert (carried / "study.yaml").is_file()
     log = io.StringIO()
     result = run_study(_spec(), carried, executor="serial", stream=log)
     assert result.ok and result.count("completed") == 4

@@ -77,3 +77,32 @@ def test_eval_mode_and_preserved_modes_restore_on_exit_and_on_error():
         m.train()
         raise RuntimeError
     assert _flags(m) == before
+
+
+def test_a_callback_can_keep_bn_frozen_through_fit(tmp_path):
+    """fit puts the model in training mode *before* on_epoch_start, and evaluation restores
+    each module's flag, so a callback freezing BN for every epoch really freezes it: its
+    moving statistics stay at their initial values (mean 0, var 1, no batches counted) while
+    every other parameter trains."""
+    from _helpers import tiny_config
+
+    from normlab.train import Callback, fit
+
+    class FreezeBN(Callback):
+        def on_epoch_start(self, state, epoch):
+            assert state.model.training  # fit's training mode comes first
+            for m in state.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+
+    result = fit(tiny_config(epochs=2), out=tmp_path / "r", callbacks=[FreezeBN()], verbose=False)
+    assert result.status == "completed"
+    bns = [m for m in result.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    for m in bns:
+        assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+        assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+        assert int(m.num_batches_tracked) == 0
+    unfrozen = fit(tiny_config(epochs=2), out=tmp_path / "u", verbose=False)
+    moved = [m for m in unfrozen.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(m.num_batches_tracked) > 0 for m in moved)  # without it, they update

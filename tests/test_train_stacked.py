@@ -34,7 +34,8 @@ def _config(seed: int, **over: Any) -> TrainConfig:
         "seed": seed,
         "norm": {"name": "bn"},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-        "runtime": {"threads": 1, "progress": "off"},
+        # fp32 pinned: the oracles are float32 rounding (auto is bf16 on a CPU with AMX)
+        "runtime": {"threads": 1, "progress": "off", "precision": "fp32"},
     }
     for key, value in over.items():
         node = d
@@ -102,6 +103,8 @@ def test_each_run_is_an_ordinary_run(tmp_path: Path, bundle: DataBundle) -> None
 
 class _StopBefore(Callback):
     """Ctrl-C before epoch ``epoch`` trains."""
+
+    observes_only = True  # it interrupts; it changes nothing
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
@@ -229,7 +232,22 @@ def test_models_and_callbacks_that_cannot_stack_are_refused_before_training(
             callbacks=[[], [_PerStep()]],
             data=bundle,
         )
-    for d in ("r0", "r1", "c0", "c1"):  # nothing trained: the runs can still train alone
+
+    class _FreezeBN(Callback):  # a change the stacked model would never see
+        def on_epoch_start(self, state: Any, epoch: int) -> None:
+            for m in state.model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
+
+    with pytest.raises(ConfigError, match="_FreezeBN overrides on_epoch_start without"):
+        fit_stacked(
+            [_config(0), _config(1)],
+            [tmp_path / "f0", tmp_path / "f1"],
+            callbacks=[[_FreezeBN()], []],
+            data=bundle,
+        )
+    # nothing trained: the runs can still train alone
+    for d in ("r0", "r1", "c0", "c1", "f0", "f1"):
         assert RunDir(tmp_path / d).read_metrics() == []
     alone = fit(brn[0], out=tmp_path / "r0", resume=True, data=bundle, verbose=False)
     assert alone.status == "completed"

@@ -104,6 +104,8 @@ def test_interrupted_twins_resume_bit_identical(tmp_path, alone):
 class _StopAtEpochEnd(Callback):
     """Ctrl-C after epoch ``epoch``'s row and checkpoint are written (epoch-level only)."""
 
+    observes_only = True  # it interrupts; it changes nothing
+
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -135,6 +137,15 @@ def test_models_and_callbacks_that_cannot_share_are_refused_before_training(tmp_
     with pytest.raises(ConfigError, match="acts after every step"):
         fit_twins(
             [_cfg(0.1), _cfg(0.0)], [tmp_path / "a", tmp_path / "b"], callbacks=[[], [PerStep()]]
+        )
+
+    class Freeze(Callback):
+        def on_fit_start(self, state):
+            state.model.eval()
+
+    with pytest.raises(ConfigError, match="Freeze overrides on_fit_start without"):
+        fit_twins(
+            [_cfg(0.1), _cfg(0.0)], [tmp_path / "e", tmp_path / "f"], callbacks=[[Freeze()], []]
         )
     renorm = {"norm.name": "brn"}
     with pytest.raises(ConfigError, match="not a plain BatchNorm"):

@@ -3,7 +3,8 @@
 A budget ladder takes longer than a session, and a session's machine (with the study
 directory under ``studies/``) can be gone by the next one. ``save`` copies every *finished*
 run (summary status ``completed`` or ``diverged``: the statuses ``normlab study`` never runs
-again) of ``studies/findings/NAME/`` into ``docs/findings/progress/NAME/``, without its
+again) of ``studies/findings/NAME/`` into ``docs/findings/progress/NAME/``, with the study's
+``study.yaml`` (the decisions it settled once: resolved runtime, flips, seeds), without its
 checkpoints (``*.pt``): config, metrics, summary, per-image predictions and probe records are
 what the report reads, and a small text record that git can keep. ``restore`` copies them back
 into ``studies/findings/NAME/`` on a fresh machine, so ``normlab study`` counts them as
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 FINAL = ("completed", "diverged")  # normlab.study.runner.FINAL
+STUDY_FILE = "study.yaml"  # normlab.study.runner.STUDY_FILE
 SKIP_SUFFIXES = (".pt", ".tmp", ".lock")  # checkpoints, rank buffers; half-written files; locks
 
 
@@ -60,9 +62,19 @@ def _dirs(name: str, root: Path) -> tuple[Path, Path]:
     return root / "studies" / "findings" / name, root / "docs" / "findings" / "progress" / name
 
 
+def _copy_study_file(src: Path, dest: Path) -> None:
+    if (src / STUDY_FILE).is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest / (STUDY_FILE + ".tmp")
+        shutil.copy2(src / STUDY_FILE, tmp)
+        tmp.replace(dest / STUDY_FILE)
+
+
 def save(name: str, root: Path = Path(".")) -> int:
-    """Copy the finished runs of study NAME into its progress record; returns how many."""
+    """Copy the finished runs of study NAME (and its study.yaml) into its progress record;
+    returns how many runs."""
     study, store = _dirs(name, root)
+    _copy_study_file(study, store)
     copied = 0
     for run in _run_dirs(study):
         dest = store / run.relative_to(study)
@@ -77,8 +89,11 @@ def save(name: str, root: Path = Path(".")) -> int:
 
 
 def restore(name: str, root: Path = Path(".")) -> int:
-    """Copy the recorded finished runs of NAME into its study directory; returns how many."""
+    """Copy the recorded finished runs of NAME into its study directory (and the recorded
+    study.yaml, where the directory has none); returns how many runs."""
     study, store = _dirs(name, root)
+    if not (study / STUDY_FILE).is_file():
+        _copy_study_file(store, study)
     copied = 0
     for run in _run_dirs(store):
         dest = study / run.relative_to(store)

@@ -112,6 +112,8 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
 class _RowLogger(Callback):
     """Copies kept rows (``state.history``) out once a checkpoint covers them."""
 
+    observes_only = True
+
     def __init__(self) -> None:
         self.logged = 0  # the last epoch written out
         self.active = False

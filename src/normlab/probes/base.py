@@ -58,6 +58,7 @@ class Probe(Callback):
 
     name: ClassVar[str] = ""
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    observes_only: ClassVar[bool] = True  # start() records references; it changes nothing
     NEEDS_DATA: ClassVar[bool] = True
     """Whether the probe forwards samples of the data (all but ``bn`` do)."""
     VALIDATES: ClassVar[bool] = False

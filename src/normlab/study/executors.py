@@ -321,6 +321,8 @@ def _info_callback(task: RunTask, events: Any) -> Any:
     run_dir = Path(task.run_dir)
 
     class _Info(Callback):
+        observes_only = True
+
         def on_fit_start(self, state: Any) -> None:
             info = {
                 "key": task.key,

@@ -50,10 +50,10 @@ def train_epoch(
     callbacks: Sequence[Callback],
 ) -> tuple[dict[str, Any], int | None]:
     """One training epoch; returns its metrics row and the step at which the loss became
-    non-finite (None if it did not)."""
+    non-finite (None if it did not). The model's modes are the caller's: ``RunLoop.epoch_start``
+    puts it in training mode before the callbacks' ``on_epoch_start``."""
     cfg = state.config
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
-    model.train()
     device = state.runtime.device
     # Accumulate on the device: no host sync per step (the loss check below is the only one).
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

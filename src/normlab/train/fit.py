@@ -127,8 +127,9 @@ def fit_together(
 
 def together_refusal(loops: Sequence[RunLoop], steps_seen_by: str) -> str | None:
     """What stops ``loops`` training together in one process, whatever the way: checkpoints at
-    different epochs, a process group, or a callback that acts per step (``steps_seen_by``
-    says why it would miss steps). None when nothing does."""
+    different epochs, a process group, a callback that acts per step, or one that may change
+    the model at the start of the fit or of an epoch (``steps_seen_by`` says why the shared
+    training would miss it). None when nothing does."""
     starts = {lp.progress.start_epoch for lp in loops}
     if len(starts) != 1:
         return f"their checkpoints are at different epochs ({sorted(s - 1 for s in starts)})"
@@ -136,8 +137,20 @@ def together_refusal(loops: Sequence[RunLoop], steps_seen_by: str) -> str | None
         return "several processes (a process group)"
     for lp in loops:
         for cb in lp.callbacks:
+            name = type(cb).__name__
             if type(cb).on_step_end is not Callback.on_step_end:
-                return f"callback {type(cb).__name__} acts after every step, and {steps_seen_by}"
+                return f"callback {name} acts after every step, and {steps_seen_by}"
+            starts = [
+                hook
+                for hook in ("on_fit_start", "on_epoch_start")
+                if getattr(type(cb), hook) is not getattr(Callback, hook)
+            ]
+            if starts and not cb.observes_only:
+                return (
+                    f"callback {name} overrides {' and '.join(starts)} without declaring "
+                    "observes_only = True, so it may change the model there, and "
+                    f"{steps_seen_by}"
+                )
     return None
 
 
@@ -282,6 +295,9 @@ class RunLoop:
             cb.on_fit_end(self.state, self.status)
 
     def epoch_start(self, epoch: int) -> None:
+        """Put the model in training mode, then call the callbacks' ``on_epoch_start`` (so a
+        callback can keep a submodule in eval mode for the epoch)."""
+        self.state.model.train()
         for cb in self.callbacks:
             cb.on_epoch_start(self.state, epoch)
 
