@@ -140,14 +140,14 @@ def together_refusal(loops: Sequence[RunLoop], steps_seen_by: str) -> str | None
             name = type(cb).__name__
             if type(cb).on_step_end is not Callback.on_step_end:
                 return f"callback {name} acts after every step, and {steps_seen_by}"
-            starts = [
+            hooks = [
                 hook
                 for hook in ("on_fit_start", "on_epoch_start")
                 if getattr(type(cb), hook) is not getattr(Callback, hook)
             ]
-            if starts and not cb.observes_only:
+            if hooks and not cb.observes_only:
                 return (
-                    f"callback {name} overrides {' and '.join(starts)} without declaring "
+                    f"callback {name} overrides {' and '.join(hooks)} without declaring "
                     "observes_only = True, so it may change the model there, and "
                     f"{steps_seen_by}"
                 )
