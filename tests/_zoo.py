@@ -222,14 +222,16 @@ def fold_check(
 
 
 def _exact_in_float64(model: nn.Module, entry: ZooEntry, result: Any, with_example: bool) -> bool:
-    """Whether folding the float64 copy of ``model`` the same way folds the same norms and
-    leaves outputs equal to 1e-9 relative on the held-out input (the fold's math is exact)."""
+    """Whether folding the float64 copy of ``model`` the same way folds every norm the float32
+    fold folded (it may fold more: float32 verification leaves a fold whose rounding, amplified
+    by a deep stack, exceeds the tolerance on the example) and leaves outputs equal to 1e-9
+    relative on the held-out input: then the math of each float32 fold is exact."""
     from normlab.bn.fold import fold_batchnorm_report
 
     model64 = copy.deepcopy(model).double()
     example = entry.example(batch=2, seed=1).double()
     folded64 = fold_batchnorm_report(model64, example if with_example else None)
-    if [s.norm for s in folded64.folded] != [s.norm for s in result.folded]:
+    if not {s.norm for s in result.folded} <= {s.norm for s in folded64.folded}:
         return False
     x = entry.example(batch=3, seed=2).double()
     with torch.no_grad():
