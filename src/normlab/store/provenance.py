@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import normlab
+from normlab.hostinfo import cpu_model_name
 
 
 def git_sha() -> str | None:
@@ -45,14 +46,7 @@ def cpu_description() -> str:
     (``torch.backends.cpu.get_cpu_capability``) and the cores this process may run on, e.g.
     ``"Intel(R) Xeon(R) Processor (AVX512, 2 cores)"``. Wall times are only comparable on
     the same description: machines of one name differ in exactly these."""
-    model = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model_name() or platform.processor() or platform.machine() or "unknown CPU"
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
