@@ -112,6 +112,27 @@ def test_the_trend_reads_only_the_claims(pattern, expected):
     assert _trend(rungs) == expected
 
 
+def test_a_rung_says_what_it_multiplies():
+    assert Budget("x1").multipliers() == "the base budget"
+    assert Budget("x4", epochs=4).multipliers() == "4x epochs"
+    assert Budget("x16", train=16).multipliers() == "16x training images"
+    assert Budget("x4", 2, 2).multipliers(" / ") == "2x epochs / 2x training images"
+
+
+def test_the_ladder_figure_labels_each_rung_with_what_it_multiplies():
+    """An epochs ladder's x4 is not 4x the training images (the figure once said so)."""
+    from normlab.report.figures import ladder_figures
+
+    rungs = (
+        Rung(Budget("x1"), _rung("x1", 0.01, True).comparison),
+        Rung(Budget("x4", epochs=4), _rung("x4", 0.02, True).comparison),
+        Rung(Budget("x16", train=16), _rung("x16", 0.03, True).comparison),
+    )
+    ((_, fig),) = ladder_figures([Ladder(None, "gn", "bn", rungs, "holds", None)])
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["x1\nthe base budget", "x4\n4x epochs", "x16\n16x training images"]
+
+
 @pytest.mark.slow
 def test_a_ladder_study_runs_to_a_report_with_every_rung_in_one_family(tmp_path):
     out = tmp_path / "study"

@@ -220,8 +220,8 @@ __all__ = [
 
 def ladder_figures(items: list[Ladder]) -> list[tuple[str, Figure]]:
     """One figure per declared group: each comparison's effect (with its paired 95%
-    t-interval) at each rung, in ladder order (labelled with the training images seen,
-    relative to the arm's own budget); filled markers where claimed."""
+    t-interval) at each rung, in ladder order (each rung labelled with what it multiplies:
+    epochs, training images or both); filled markers where claimed."""
     groups: dict[str | None, list[Ladder]] = {}
     for lad in items:
         groups.setdefault(lad.group, []).append(lad)
@@ -247,7 +247,7 @@ def ladder_figures(items: list[Ladder]) -> list[tuple[str, Figure]]:
                 ax.plot([x], [y], "o", color=color, mfc=color if r.claim else "white")
         rungs = lads[0].rungs
         ax.set_xticks(
-            range(len(rungs)), [f"{r.budget.name}\n{r.budget.scale:g}x images" for r in rungs]
+            range(len(rungs)), [r.budget.name + "\n" + r.budget.multipliers("\n") for r in rungs]
         )
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xlabel("budget rung")

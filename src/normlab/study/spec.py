@@ -179,6 +179,16 @@ class Budget:
         """Training images seen, relative to the arm's own budget (epochs x training set)."""
         return self.epochs * self.train
 
+    def multipliers(self, sep: str = ", ") -> str:
+        """What the rung multiplies, in words: ``"4x epochs"``, ``"16x training images"``,
+        ``"2x epochs, 2x training images"``, or ``"the base budget"`` (both x1)."""
+        parts = [
+            f"{factor:g}x {what}"
+            for factor, what in ((self.epochs, "epochs"), (self.train, "training images"))
+            if factor != 1.0
+        ]
+        return sep.join(parts) or "the base budget"
+
 
 @dataclass(frozen=True)
 class StudySpec:
