@@ -204,4 +204,21 @@ def test_study_momentum_twins_trains_each_seed_once_and_matches_separate_runs(tm
     write_report(tmp_path / "t")
     md = (tmp_path / "t" / "report.md").read_text()
     assert "| correct |" in md and "momentum twins (BN momenta 0.1, 0): trained here" in md
-    assert "momentum twins (BN momenta 0.1, 0): network trained by its twin" in md
+    assert "momentum twins (BN momenta 0.1, 0): network trained by its twin (time counted" in md
+
+
+def test_a_twin_pair_s_time_is_counted_once_in_the_arm_that_trained():
+    """Twins run in one process, so both record the pair's wall time (here 300 s, of which
+    200 s training): the arms' totals must add up to 300 s per pair, not 300 + 100."""
+    from types import SimpleNamespace
+
+    from normlab.report.tables import _total_wall
+
+    def run(trained: bool) -> SimpleNamespace:
+        shared = {"bn_momenta": [0.1, 0.0], "trained": trained, "training_seconds": 200.0}
+        return SimpleNamespace(summary={"wall_seconds": 300.0, "shared_training": shared})
+
+    assert _total_wall([run(True), run(True)]) == 600.0
+    assert _total_wall([run(False), run(False)]) == 0.0
+    alone = SimpleNamespace(summary={"wall_seconds": 50.0})
+    assert _total_wall([run(False), alone]) == 50.0

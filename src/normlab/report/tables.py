@@ -137,8 +137,8 @@ def _adjusted(c: Comparison) -> str:
 def timing_table(analysis: Analysis) -> Table:
     """Per arm: wall time per run, training images/s per run, how the seeds were trained
     (separately; stacked: K seeds in one model, ``normlab.train.stacked``; or as momentum
-    twins, ``normlab.train.twins``) and the arm's total wall time, which counts shared training
-    once."""
+    twins, ``normlab.train.twins``) and the arm's total wall time, which counts shared work
+    once: a stacked group's time once, a twin pair's in the arm that trained."""
     headers = [
         "arm",
         "wall time per run, s (mean ± sd)",
@@ -186,7 +186,7 @@ def _trained(runs: Sequence[Any]) -> str:
         where = (
             "trained here"
             if took == len(twins)
-            else "network trained by its twin"
+            else "network trained by its twin (time counted there)"
             if took == 0
             else f"{took} of {len(twins)} trained here"
         )
@@ -197,14 +197,16 @@ def _trained(runs: Sequence[Any]) -> str:
 
 
 def _total_wall(runs: Sequence[Any]) -> float:
-    """Sum of the runs' wall times, a stacked group's (shared) time counted once, and a momentum
-    twin's shared training counted only in the run that trained (``normlab.train.twins``)."""
+    """Sum of the runs' wall times, a stacked group's (shared) time counted once, and momentum
+    twins' time counted only in the run that trained (``normlab.train.twins``): twins run in one
+    process, so every twin's wall time is the pair's, and the trained run's covers the pair's
+    training, every twin's evaluation, probes and checkpoints."""
     total, shared = 0.0, dict[tuple[int, ...], float]()
     for r in runs:
         seconds = float(r.summary.get("wall_seconds") or 0.0)
         twin = _twin_of(r)
         if twin is not None and not twin.get("trained"):
-            seconds = max(0.0, seconds - float(twin.get("training_seconds") or 0.0))
+            continue  # in the wall time of the run that trained it
         group = _stack_of(r)
         if group is None:
             total += seconds
