@@ -174,11 +174,6 @@ class Budget:
     eval_every: int | None = None  # the rung's runs' eval_every (None: the arm's own)
     groups: tuple[str, ...] | None = None  # the declared groups run at this rung (None: all)
 
-    @property
-    def scale(self) -> float:
-        """Training images seen, relative to the arm's own budget (epochs x training set)."""
-        return self.epochs * self.train
-
     def multipliers(self, sep: str = ", ") -> str:
         """What the rung multiplies, in words: ``"4x epochs"``, ``"16x training images"``,
         ``"2x epochs, 2x training images"``, or ``"the base budget"`` (both x1)."""
