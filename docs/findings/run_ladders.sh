@@ -16,7 +16,8 @@ queue=(
   "l2:--jobs 1"
   "placement:--jobs 1"
 )
-claims=studies/findings/ladders/.claims
+# a dry run claims in a directory of its own: the live one belongs to lanes that may be running
+if [ -n "${DRY:-}" ]; then claims=$(mktemp -d); else claims=studies/findings/ladders/.claims; fi
 rm -rf "$claims" && mkdir -p "$claims"
 pin() { if command -v taskset > /dev/null; then echo "taskset -c $1"; fi; }
 lane() {  # lane CORE: run every queued ladder no other lane has claimed (mkdir is atomic)
