@@ -25,7 +25,5 @@ for name in "${studies[@]}"; do
   dest=docs/findings/$name
   rm -rf "$dest" && mkdir -p "$dest"
   cp -r "$out/report.md" "$out/results.csv" "$out/study.yaml" "$out/figures" "$dest/"
-  # only what this invocation trained: a resumed study's earlier runs are in report.md's
-  # "Wall time and throughput" table, which times every run
   printf '%s\n' "study $name: $((end - start)) s wall on $(nproc) cores ($(uname -m)), this invocation only (it trained the runs not already finished; report.md's \"Wall time and throughput\" times every run)" > "$dest/wall_time.txt"
 done
