@@ -30,6 +30,14 @@ def legacy(tmp_path: Path) -> Path:
     return dest
 
 
+def assert_close_rows(got: list[dict], expected: list[dict]) -> None:
+    """Metric rows equal key by key, up to the last bits another CPU may round differently."""
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    for g, e in zip(got, expected, strict=True):
+        for key, value in e.items():
+            assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (g["epoch"], key)
+
+
 def test_an_old_interrupted_run_resumes_to_the_old_codes_numbers(legacy: Path) -> None:
     run = legacy / "run_interrupted"
     assert RunDir(run).read_summary()["status"] == "running"
@@ -40,14 +48,13 @@ def test_an_old_interrupted_run_resumes_to_the_old_codes_numbers(legacy: Path) -
     assert result.config.data.flip is True
     expected = json.loads((legacy / "expected_metrics.json").read_text())
     got = stable(result.metrics)
-    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
-    for g, e in zip(got, expected, strict=True):
-        for key, value in e.items():
-            # the same arithmetic; another CPU may round the last bits differently
-            assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    # and exactly what an uninterrupted run of the same saved config gives on this machine
+    assert_close_rows(got, expected)
+    # and what an uninterrupted run of the same saved config gives on this machine: equal up
+    # to rounding only, since the resumed run starts from weights another CPU wrote (an AMX
+    # Xeon rounds epoch 2's loss differently in the 8th digit); exact resume on one machine
+    # is tested in test_train
     fresh = fit(result.config, out=legacy / "fresh", verbose=False)
-    assert stable(fresh.metrics) == got
+    assert_close_rows(stable(fresh.metrics), got)
     # the epochs this code trained kept their predictions; epoch 1's (old code) are unknown
     kept = RunDir(run).read_predictions()
     assert kept is not None and kept.final_epoch == 3
