@@ -53,10 +53,11 @@ from normlab.train.fit import RunLoop, RunResult, fit_together, together_refusal
 
 __all__ = ["MAX_BATCH", "fit_stacked", "stackable"]
 
-# Largest batch trained stacked. benchmarks/small_batch.py (2-core AMD EPYC, one thread,
-# ResNet-20 at 16x16, 6 seeds, median of 3), training images/s stacked / separate: 2.55x at
-# batch 2, 1.55x at 8, 0.92x at 32 and 0.91x at 128 (there the arithmetic dominates, and a
-# grouped convolution is slower per FLOP than a plain one).
+# Largest batch trained stacked. benchmarks/small_batch.py (one thread, ResNet-20 at 16x16,
+# 6 seeds, fp32, median of 3), training images/s stacked / separate: 2-core AMD EPYC 2.55x at
+# batch 2, 1.55x at 8, 0.92x at 32 and 0.91x at 128; 2-core AMX Xeon 1.92x, 1.42x, 1.07x,
+# 0.85x. Above 8 the arithmetic dominates and a grouped convolution is slower per FLOP than a
+# plain one.
 MAX_BATCH = 8
 
 
