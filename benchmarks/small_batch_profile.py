@@ -44,6 +44,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import small_batch
@@ -54,83 +55,69 @@ from torch.profiler import ProfilerActivity, profile
 
 from normlab.data import build_data
 from normlab.train.fit import RunLoop
-from normlab.train.stacked import _Stack
+from normlab.train.stacked import _Stack, stack_batch
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution")
 PHASES = ("data", "forward", "backward", "optimizer")
 
-Step = Callable[[torch.Tensor, torch.Tensor], None]
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def old_batches(loop: RunLoop) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    yield from loop.s.train_loader
+@dataclass(frozen=True)
+class Side:
+    """One path's training step: ``copies`` models in ``model`` (1: a ``fit`` model)."""
+
+    batches: Batches
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], contextlib.AbstractContextManager[object]]
+    copies: int
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.copies == 1:
+            return nn.functional.cross_entropy(out.float(), y)
+        logits = out.float().view(y.shape[0], self.copies, -1).permute(0, 2, 1)
+        return nn.functional.cross_entropy(logits, y, reduction="none").mean(0).sum()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, mark: Callable[[], None]) -> None:
+        """Forward and loss, backward, optimizer step; ``mark()`` after each of the first two."""
+        with self.autocast():
+            out = self.model(x)
+        loss = self.loss(out, y)
+        mark()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mark()
+        self.optimizer.step()
 
 
-def stacked_batches(loops: list[RunLoop]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    for batches in zip(*(lp.s.train_loader for lp in loops), strict=True):
-        yield (
-            torch.cat([b[0] for b in batches], 1).contiguous(),
-            torch.stack([b[1] for b in batches], 1),
-        )
-
-
-def phases(
-    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    autocast: Callable[[], contextlib.AbstractContextManager[object]],
-    copies: int,
-) -> dict[str, float]:
+def phases(side: Side) -> dict[str, float]:
     """Median ms per step of each phase over one epoch (after one untimed epoch)."""
     times: dict[str, list[float]] = {p: [] for p in PHASES}
+    marks: list[float] = []  # the step's clock readings: before and after each phase
     for timed in (False, True):
-        it = iter(batches())
+        it = iter(side.batches())
         while True:
-            t0 = time.perf_counter()
+            marks[:] = [time.perf_counter()]
             try:
                 x, y = next(it)
             except StopIteration:
                 break
-            t1 = time.perf_counter()
-            with autocast():
-                out = model(x)
-            loss = loss_of(out, y, copies)
-            t2 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t3 = time.perf_counter()
-            optimizer.step()
-            t4 = time.perf_counter()
+            marks.append(time.perf_counter())
+            side.step(x, y, lambda: marks.append(time.perf_counter()))
+            marks.append(time.perf_counter())
             if timed:
-                for name, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
+                for name, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True):
                     times[name].append(1e3 * (b - a))
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def loss_of(out: torch.Tensor, y: torch.Tensor, copies: int) -> torch.Tensor:
-    if copies == 1:
-        return nn.functional.cross_entropy(out.float(), y)
-    n = y.shape[0]
-    logits = out.float().view(n, copies, -1).permute(0, 2, 1)
-    return nn.functional.cross_entropy(logits, y, reduction="none").mean(0).sum()
-
-
-def conv_ms(
-    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    autocast: Callable[[], contextlib.AbstractContextManager[object]],
-    copies: int,
-) -> float:
+def conv_ms(side: Side) -> float:
     """Self CPU ms per step of the convolution kernels (forward and backward), one epoch."""
-    data = list(batches())
+    data = list(side.batches())
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for x, y in data:
-            with autocast():
-                out = model(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss_of(out, y, copies).backward()
-            optimizer.step()
+            side.step(x, y, lambda: None)
     total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_OPS)
     return total_us / 1e3 / len(data)
 
@@ -179,13 +166,25 @@ def main(argv: list[str] | None = None) -> None:
         stack = _Stack(loops)
         autocast = first.state.autocast
         sides = {
-            "old": (lambda: old_batches(first), first.s.model.train(), first.s.optimizer, 1),
-            "stacked": (lambda: stacked_batches(loops), stack.model, stack.optimizer, len(loops)),
+            "old": Side(
+                lambda: iter(first.s.train_loader),
+                first.s.model.train(),
+                first.s.optimizer,
+                autocast,
+                1,
+            ),
+            "stacked": Side(
+                lambda: map(stack_batch, zip(*(lp.s.train_loader for lp in loops), strict=True)),
+                stack.model,
+                stack.optimizer,
+                autocast,
+                len(loops),
+            ),
         }
         steps, convs = {}, {}
-        for name, (batches, model, optimizer, k) in sides.items():
-            ph = phases(batches, model, optimizer, autocast, k)
-            convs[name] = conv_ms(batches, model, optimizer, autocast, k)
+        for name, side in sides.items():
+            ph = phases(side)  # first: its untimed epoch also warms the kernels up for conv_ms
+            convs[name] = conv_ms(side)
             steps[name] = report(name, ph, convs[name])
     k = len(loops)
     print(

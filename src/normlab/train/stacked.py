@@ -254,6 +254,14 @@ def _train(loops: Sequence[RunLoop]) -> None:
             loops[i].complete()
 
 
+def stack_batch(batches: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K copies' ``(images, labels)`` batches as the stacked module takes them: images
+    concatenated on the channel axis, copy-major and NCHW-contiguous; labels ``(N, K)``."""
+    x = torch.cat([b[0] for b in batches], 1).contiguous()
+    y = torch.stack([b[1] for b in batches], 1)
+    return x, y
+
+
 def _epoch(
     stack: _Stack, alive: list[int], epoch: int
 ) -> tuple[dict[int, dict[str, Any]], dict[int, int]]:
@@ -275,8 +283,7 @@ def _epoch(
     t0 = time.perf_counter()
     # every copy's loader draws its own epoch (order, crops, flips), exactly as in its own run
     for step, batches in enumerate(zip(*(lp.s.train_loader for lp in loops), strict=True)):
-        x = torch.cat([b[0] for b in batches], 1).contiguous()
-        y = torch.stack([b[1] for b in batches], 1)  # N, K
+        x, y = stack_batch(batches)
         n = y.shape[0]
         with first.state.autocast():
             out = model(x)
