@@ -32,7 +32,7 @@ About 30 s per batch size on one core.
 Measured on a 2-core AMX Xeon, 6 seeds, one run each (the profiler's figures move by ~20%
 between runs): fp32, batch 8: old 11.0 ms/step, 54% convolutions; stacked 48.8 ms, 67%; the
 stacked convolutions take 0.91 of the six separate runs' convolution time, so the convolution
-bound is 2.03x (stacking reached 1.35x). Batch 2: old 7.1 ms, 49%; stacked 22.2 ms, 65%; bound
+bound is 2.03x (stacking reached 1.35x); over 4 runs the bound was 1.65-2.03x, median 1.99x. Batch 2: old 7.1 ms, 49%; stacked 22.2 ms, 65%; bound
 2.98x (reached 1.92x). bf16: bound 2.80x at batch 8 (reached 1.42x), 4.43x at batch 2 (2.14x).
 """
 
