@@ -10,6 +10,8 @@ what the report reads, and a small text record that git can keep. ``restore`` co
 into ``studies/findings/NAME/`` on a fresh machine, so ``normlab study`` counts them as
 finished and trains only the rest. Runs that are unfinished or failed are never saved; a
 finished run already present in the study directory is never overwritten by ``restore``.
+The record holds per-image prediction arrays: commit it while the study runs, and take it out
+of the tree once the study's report is committed (a commit that has it can bring it back).
 
     python docs/findings/progress.py save ladders/batch-size ladders/train-mode
     python docs/findings/progress.py restore ladders/batch-size

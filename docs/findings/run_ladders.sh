@@ -4,9 +4,9 @@
 # order (batch-size with seeds stacked at batch 8; train-mode with momentum twins trained once;
 # l2; placement), each lane the next ladder nobody has taken, so neither core idles while work
 # is left. Each study resumes where it stopped (and first restores the finished runs recorded
-# in docs/findings/progress/, see progress.py), so rerun this after any interruption; each
-# finished ladder's report is copied to docs/findings/ladders/NAME/ by run.sh. Run from the
-# repository root.
+# in docs/findings/progress/ where that exists, see progress.py), so rerun this after any
+# interruption; each finished ladder's report is copied to docs/findings/ladders/NAME/ by
+# run.sh. Run from the repository root.
 #   bash docs/findings/run_ladders.sh            # both lanes
 #   DRY=1 bash docs/findings/run_ladders.sh      # print the commands only
 set -euo pipefail
